@@ -1,0 +1,455 @@
+//! `wick.data.*` and `wick.tokenizer.*`: sources, mixtures, loaders, batches, tokenizers.
+
+use super::opts::{table_arg, Opts};
+use super::{check_stop, context, lock};
+use crate::data::source::{discover, is_data_file};
+use crate::data::{Loader, LoaderSpec, NextError, OnBad, SourceSpec, Tokenizer};
+use crate::host::signals::{self, Interrupted};
+use crate::host::Refused;
+use crate::train::Windows;
+use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub struct TokenizerHandle(pub Arc<Tokenizer>);
+
+impl UserData for TokenizerHandle {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("vocab", |_, this| Ok(this.0.vocab_size()));
+        fields.add_field_method_get("eod", |_, this| Ok(this.0.eod()));
+    }
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("encode", |_, this, text: String| {
+            this.0.encode(&text).map_err(mlua::Error::runtime)
+        });
+        methods.add_method("decode", |_, this, ids: Vec<u32>| Ok(this.0.decode(&ids)));
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            Ok(format!("wick.tokenizer({})", this.0.describe()))
+        });
+    }
+}
+
+pub fn tokenizer_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "bytes",
+        lua.create_function(|_, ()| Ok(TokenizerHandle(Arc::new(Tokenizer::Bytes))))?,
+    )?;
+    t.set(
+        "load",
+        lua.create_function(|_, path: String| {
+            check_stop()?;
+            Tokenizer::load(Path::new(&path))
+                .map(|t| TokenizerHandle(Arc::new(t)))
+                .map_err(mlua::Error::runtime)
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// A source: one or more files read as one stream.
+#[derive(Clone)]
+pub struct SourceHandle {
+    pub name: String,
+    pub spec: Arc<SourceSpec>,
+}
+
+impl UserData for SourceHandle {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("files", |_, this| {
+            Ok(this
+                .spec
+                .files
+                .iter()
+                .map(|f| f.path.clone())
+                .collect::<Vec<_>>())
+        });
+        fields.add_field_method_get("name", |_, this| Ok(this.name.clone()));
+    }
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            let bytes: u64 = this.spec.files.iter().map(|f| f.size).sum();
+            Ok(format!(
+                "wick.data.source({}: {} files, {} bytes)",
+                this.name,
+                this.spec.files.len(),
+                bytes
+            ))
+        });
+    }
+}
+
+/// A weighted mixture of sources.
+#[derive(Clone)]
+pub struct MixHandle(pub Vec<(String, Arc<SourceSpec>, f64)>);
+impl UserData for MixHandle {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            let parts: Vec<String> = this.0.iter().map(|(n, _, w)| format!("{n}={w}")).collect();
+            Ok(format!("wick.data.mix({})", parts.join(", ")))
+        });
+    }
+}
+
+#[derive(Clone)]
+pub struct LoaderHandle(pub Arc<Mutex<Loader>>);
+
+impl UserData for LoaderHandle {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("name", |_, this| {
+            Ok(this
+                .0
+                .lock()
+                .map(|l| l.spec.name.clone())
+                .unwrap_or_default())
+        });
+        fields.add_field_method_get("batch", |_, this| {
+            Ok(this.0.lock().map(|l| l.spec.batch).unwrap_or(0))
+        });
+        fields.add_field_method_get("seq_len", |_, this| {
+            Ok(this.0.lock().map(|l| l.spec.seq_len).unwrap_or(0))
+        });
+        fields.add_field_method_get("bad_rows", |_, this| {
+            Ok(this
+                .0
+                .lock()
+                .map(|l| l.stats_snapshot().bad_rows)
+                .unwrap_or(0))
+        });
+        fields.add_field_method_get("rows", |_, this| {
+            Ok(this.0.lock().map(|l| l.stats_snapshot().rows).unwrap_or(0))
+        });
+    }
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("next", |_, this, ()| next_batch(this));
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            let l = this
+                .0
+                .lock()
+                .map_err(|_| mlua::Error::runtime("loader is unusable"))?;
+            Ok(format!(
+                "wick.data.loader({}: batch {}, seq_len {}, {} batches taken)",
+                l.spec.name, l.spec.batch, l.spec.seq_len, l.consumed.batches
+            ))
+        });
+    }
+}
+
+fn next_batch(loader: &LoaderHandle) -> mlua::Result<BatchHandle> {
+    check_stop()?;
+    let mut l = loader
+        .0
+        .lock()
+        .map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
+    match l.next(&signals::stop_requested) {
+        Ok(w) => Ok(BatchHandle(Arc::new(w))),
+        Err(NextError::Interrupted) => Err(mlua::Error::external(Interrupted)),
+        Err(NextError::Data(m)) => Err(mlua::Error::runtime(m)),
+    }
+}
+
+/// A batch of token windows (batch, seq_len+1); Lua sees its shape, not its tokens.
+#[derive(Clone)]
+pub struct BatchHandle(pub Arc<Windows>);
+
+impl UserData for BatchHandle {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("size", |_, this| Ok(this.0.batch));
+        fields.add_field_method_get("seq_len", |_, this| Ok(this.0.width - 1));
+    }
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("tokens", |_, this, row: Option<usize>| {
+            let w = &this.0;
+            let r = row.unwrap_or(1);
+            if r == 0 || r > w.batch {
+                return Err(mlua::Error::runtime(format!(
+                    "batch:tokens(row): row must be 1..{}",
+                    w.batch
+                )));
+            }
+            Ok(w.tokens[(r - 1) * w.width..r * w.width].to_vec())
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            Ok(format!(
+                "wick.batch({} x {} tokens)",
+                this.0.batch,
+                this.0.width - 1
+            ))
+        });
+    }
+}
+
+const SOURCE_KEYS: &[&str] = &[
+    "field",
+    "shuffle",
+    "seed",
+    "on_bad_row",
+    "on_bad_file",
+    "subsets",
+    "name",
+    "files",
+];
+
+fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
+    match o.string(key)?.as_deref() {
+        None | Some("skip") => Ok(OnBad::Skip),
+        Some("error") => Ok(OnBad::Error),
+        Some(other) => Err(mlua::Error::runtime(format!(
+            "option '{key}' of {} must be \"skip\" or \"error\", got \"{other}\"",
+            o.func()
+        ))),
+    }
+}
+
+fn make_source(
+    lua: &Lua,
+    func: &'static str,
+    options: Value,
+    default_on_bad_row: OnBad,
+) -> mlua::Result<SourceHandle> {
+    check_stop()?;
+    let options = match options {
+        Value::String(s) => {
+            let t = lua.create_table()?;
+            t.raw_set(1, s)?;
+            Value::Table(t)
+        }
+        other => other,
+    };
+    let o = Opts::new(func, table_arg(func, options)?, SOURCE_KEYS, true)?;
+    let mut paths = o.positional_strings()?;
+    paths.extend(o.strings("files")?.unwrap_or_default());
+    if paths.is_empty() {
+        return Err(mlua::Error::runtime(format!(
+            "{func} needs at least one file or directory: {func}{{ \"data/sample/train\" }}"
+        )));
+    }
+    let files = discover(&paths, &is_data_file)
+        .map_err(|e| mlua::Error::runtime(format!("{func}: {e}")))?;
+    let seed = match o.usize("seed")? {
+        Some(s) => s as u64,
+        None => lock(&context(lua)?).opts.seed,
+    };
+    let on_bad_row = match o.string("on_bad_row")? {
+        None => default_on_bad_row,
+        Some(_) => on_bad(&o, "on_bad_row")?,
+    };
+    let spec = SourceSpec {
+        files,
+        field: o.string("field")?.unwrap_or_else(|| "text".into()),
+        shuffle: o.bool("shuffle")?.unwrap_or(false),
+        seed,
+        on_bad_row,
+        on_bad_file: on_bad(&o, "on_bad_file")?,
+        subsets: o.strings("subsets")?,
+    };
+    let name = o.string("name")?.unwrap_or_else(|| paths.join(","));
+    Ok(SourceHandle {
+        name,
+        spec: Arc::new(spec),
+    })
+}
+
+const MIX_KEYS: &[&str] = &[];
+const LOADER_KEYS: &[&str] = &[
+    "source",
+    "batch",
+    "seq_len",
+    "tokenizer",
+    "name",
+    "prefetch",
+    "seed",
+];
+
+pub fn table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "files",
+        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.files", o, OnBad::Skip))?,
+    )?;
+    t.set(
+        "jsonl",
+        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.jsonl", o, OnBad::Skip))?,
+    )?;
+    t.set(
+        "text",
+        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.text", o, OnBad::Skip))?,
+    )?;
+    t.set("mix", lua.create_function(mix)?)?;
+    t.set("loader", lua.create_function(loader)?)?;
+    Ok(t)
+}
+
+/// `wick.data.mix{ {source = a, weight = 3}, {source = b, weight = 1} }`
+fn mix(_: &Lua, options: Value) -> mlua::Result<MixHandle> {
+    let table = table_arg("wick.data.mix", options)?;
+    Opts::new("wick.data.mix", table.clone(), MIX_KEYS, true)?;
+    let mut parts = Vec::new();
+    for (i, entry) in table.sequence_values::<Table>().enumerate() {
+        let entry = entry.map_err(|_| {
+            mlua::Error::runtime("wick.data.mix takes entries like { source = src, weight = 1.0 }")
+        })?;
+        let e = Opts::new("wick.data.mix entry", entry, &["source", "weight"], false)?;
+        let src = match e.value("source")? {
+            Value::UserData(ud) => {
+                ud.borrow::<SourceHandle>()
+                    .map(|s| s.clone())
+                    .map_err(|_| {
+                        mlua::Error::runtime(format!(
+                            "wick.data.mix entry {}: 'source' must be a data source",
+                            i + 1
+                        ))
+                    })?
+            }
+            _ => {
+                return Err(mlua::Error::runtime(format!(
+                    "wick.data.mix entry {}: 'source' must be a data source",
+                    i + 1
+                )))
+            }
+        };
+        let w = e.f64("weight")?.unwrap_or(1.0);
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(mlua::Error::runtime(format!(
+                "wick.data.mix entry {}: weight must be a non-negative number, got {w}",
+                i + 1
+            )));
+        }
+        parts.push((src.name, src.spec, w));
+    }
+    if parts.is_empty() || parts.iter().all(|(_, _, w)| *w == 0.0) {
+        return Err(mlua::Error::runtime(
+            "wick.data.mix needs at least one source with a positive weight",
+        ));
+    }
+    Ok(MixHandle(parts))
+}
+
+fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
+    check_stop()?;
+    let o = Opts::new(
+        "wick.data.loader",
+        table_arg("wick.data.loader", options)?,
+        LOADER_KEYS,
+        false,
+    )?;
+    let sources = match o.value("source")? {
+        Value::UserData(ud) => {
+            if let Ok(s) = ud.borrow::<SourceHandle>() {
+                vec![(s.name.clone(), s.spec.clone(), 1.0)]
+            } else if let Ok(m) = ud.borrow::<MixHandle>() {
+                m.0.clone()
+            } else {
+                return Err(mlua::Error::runtime("option 'source' of wick.data.loader must be a source or a mix"));
+            }
+        }
+        Value::Nil => return Err(mlua::Error::runtime("wick.data.loader needs a source: wick.data.loader{ source = wick.data.jsonl{ \"dir\" }, batch = 16, seq_len = 128 }")),
+        _ => return Err(mlua::Error::runtime("option 'source' of wick.data.loader must be a source or a mix")),
+    };
+    let tokenizer = match o.value("tokenizer")? {
+        Value::Nil => Arc::new(Tokenizer::Bytes),
+        Value::UserData(ud) => ud
+            .borrow::<TokenizerHandle>()
+            .map(|t| t.0.clone())
+            .map_err(|_| {
+                mlua::Error::runtime("option 'tokenizer' of wick.data.loader must be a tokenizer")
+            })?,
+        _ => {
+            return Err(mlua::Error::runtime(
+                "option 'tokenizer' of wick.data.loader must be a tokenizer",
+            ))
+        }
+    };
+    let batch = o.usize("batch")?.unwrap_or(16);
+    let seq_len = o.usize("seq_len")?.unwrap_or(128);
+    if batch == 0 || seq_len == 0 {
+        return Err(mlua::Error::runtime(
+            "wick.data.loader: batch and seq_len must be at least 1",
+        ));
+    }
+    let ctx = context(lua)?;
+    let mut c = lock(&ctx);
+    let name = o
+        .string("name")?
+        .unwrap_or_else(|| format!("loader{}", c.loaders.len() + 1));
+    if c.loaders.iter().any(|(n, _)| *n == name) {
+        return Err(mlua::Error::runtime(format!("wick.data.loader: a loader named '{name}' already exists; give each loader its own name")));
+    }
+    let seed = o.usize("seed")?.map(|s| s as u64).unwrap_or(c.opts.seed);
+    let spec = LoaderSpec {
+        name: name.clone(),
+        sources,
+        batch,
+        seq_len,
+        seed,
+        prefetch: o.usize("prefetch")?.unwrap_or(4),
+    };
+    let cursor = match c.resume.as_ref().and_then(|r| r.meta.loaders.get(&name)) {
+        Some(saved) => {
+            let mut diffs = Vec::new();
+            if saved.tokenizer != tokenizer.identity() {
+                diffs.push(format!(
+                    "tokenizer: checkpoint has {}, recipe uses {}",
+                    saved.tokenizer,
+                    tokenizer.identity()
+                ));
+            }
+            let now: Vec<_> = spec
+                .sources
+                .iter()
+                .map(|(n, s, _)| (n.clone(), s.files.clone()))
+                .collect();
+            if saved.sources.len() != now.len() {
+                diffs.push(format!(
+                    "number of sources: checkpoint has {}, recipe has {}",
+                    saved.sources.len(),
+                    now.len()
+                ));
+            } else {
+                for ((_, a), (n, b)) in saved.sources.iter().zip(&now) {
+                    if a != b {
+                        diffs.push(describe_file_diff(n, a, b));
+                    }
+                }
+            }
+            if !diffs.is_empty() {
+                return Err(mlua::Error::external(Refused(format!(
+                    "data of loader '{name}' differs from the checkpoint's: {}",
+                    diffs.join("; ")
+                ))));
+            }
+            Some(saved.cursor.clone())
+        }
+        None => None,
+    };
+    let loader = Arc::new(Mutex::new(Loader::new(spec, tokenizer, cursor)));
+    c.loaders.push((name, loader.clone()));
+    Ok(LoaderHandle(loader))
+}
+
+fn describe_file_diff(
+    source: &str,
+    saved: &[crate::data::FileEntry],
+    now: &[crate::data::FileEntry],
+) -> String {
+    if saved.len() != now.len() {
+        return format!(
+            "source {source}: checkpoint has {} files, now {}",
+            saved.len(),
+            now.len()
+        );
+    }
+    for (a, b) in saved.iter().zip(now) {
+        if a.path != b.path {
+            return format!("source {source}: file {} is now {}", a.path, b.path);
+        }
+        if a.size != b.size {
+            return format!(
+                "source {source}: file {} was {} bytes, now {}",
+                a.path, a.size, b.size
+            );
+        }
+    }
+    format!("source {source} differs")
+}

@@ -1,0 +1,205 @@
+//! `wick.model{...}` and the model object: config, parameter count, generation.
+
+use super::opts::{did_you_mean, table_arg, Opts};
+use super::{check_stop, context, lock, to_lua_table};
+use crate::data::Tokenizer;
+use crate::host::signals;
+use crate::host::Refused;
+use crate::model::generate::{generate, SampleOptions};
+use crate::model::{default_hidden_dim, Llama, ModelConfig, PRESET_NAMES};
+use mlua::{Lua, MetaMethod, UserData, UserDataMethods, Value};
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct ModelHandle {
+    pub model: Arc<Llama>,
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+const MODEL_KEYS: &[&str] = &[
+    "preset",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "hidden_dim",
+    "vocab",
+    "seq_len",
+    "tie_embeddings",
+    "seed",
+    "tokenizer",
+    "norm_eps",
+    "rope_theta",
+];
+
+pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
+    check_stop()?;
+    let o = Opts::new(
+        "wick.model",
+        table_arg("wick.model", options)?,
+        MODEL_KEYS,
+        false,
+    )?;
+    let tokenizer = match o.value("tokenizer")? {
+        Value::Nil => Arc::new(Tokenizer::Bytes),
+        Value::UserData(ud) => ud
+            .borrow::<super::data::TokenizerHandle>()
+            .map(|t| t.0.clone())
+            .map_err(|_| mlua::Error::runtime("option 'tokenizer' of wick.model must be a tokenizer (wick.tokenizer.bytes() or wick.tokenizer.load(path))"))?,
+        _ => return Err(mlua::Error::runtime("option 'tokenizer' of wick.model must be a tokenizer (wick.tokenizer.bytes() or wick.tokenizer.load(path))")),
+    };
+    let mut config = match o.string("preset")? {
+        Some(name) => ModelConfig::preset(&name).ok_or_else(|| {
+            mlua::Error::runtime(format!(
+                "unknown model preset '{name}'{}",
+                did_you_mean(&name, PRESET_NAMES)
+            ))
+        })?,
+        None => {
+            ModelConfig::preset("tiny").ok_or_else(|| mlua::Error::runtime("missing preset"))?
+        }
+    };
+    // A preset's vocab is for its own tokenizer; without an explicit vocab, follow ours.
+    config.vocab = tokenizer.vocab_size();
+    if let Some(v) = o.usize("dim")? {
+        config.dim = v;
+        config.hidden_dim = default_hidden_dim(v);
+    }
+    if let Some(v) = o.usize("n_layers")? {
+        config.n_layers = v;
+    }
+    if let Some(v) = o.usize("n_heads")? {
+        config.n_heads = v;
+        config.n_kv_heads = v;
+    }
+    if let Some(v) = o.usize("n_kv_heads")? {
+        config.n_kv_heads = v;
+    }
+    if let Some(v) = o.usize("hidden_dim")? {
+        config.hidden_dim = v;
+    }
+    if let Some(v) = o.usize("vocab")? {
+        if v != tokenizer.vocab_size() {
+            return Err(mlua::Error::runtime(format!(
+                "wick.model: vocab = {v} does not match the tokenizer ({}, {} tokens); leave vocab out to use the tokenizer's",
+                tokenizer.describe(),
+                tokenizer.vocab_size()
+            )));
+        }
+        config.vocab = v;
+    }
+    if let Some(v) = o.usize("seq_len")? {
+        config.seq_len = v;
+    }
+    if let Some(v) = o.bool("tie_embeddings")? {
+        config.tie_embeddings = v;
+    }
+    if let Some(v) = o.f64("norm_eps")? {
+        config.norm_eps = v;
+    }
+    if let Some(v) = o.f64("rope_theta")? {
+        config.rope_theta = v;
+    }
+    config
+        .validate()
+        .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
+
+    let ctx = context(lua)?;
+    let (seed, device, resume_config) = {
+        let c = lock(&ctx);
+        let resume = c
+            .resume
+            .as_ref()
+            .filter(|_| c.session.is_none())
+            .map(|r| r.meta.model.clone());
+        (
+            o.usize("seed")?.map(|s| s as u64).unwrap_or(c.opts.seed),
+            c.opts.device.clone(),
+            resume,
+        )
+    };
+    if let Some(saved) = resume_config {
+        let diffs = config.differences(&saved);
+        if !diffs.is_empty() {
+            return Err(mlua::Error::external(Refused(format!(
+                "the model config differs from the checkpoint's: {}",
+                diffs.join("; ")
+            ))));
+        }
+    }
+    let model = Llama::new(config, seed, &device)
+        .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
+    Ok(ModelHandle {
+        model: Arc::new(model),
+        tokenizer,
+    })
+}
+
+const GENERATE_KEYS: &[&str] = &["max_tokens", "temperature", "top_k", "seed"];
+
+impl UserData for ModelHandle {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("config", |lua, this| to_lua_table(lua, &this.model.config));
+        fields.add_field_method_get("params", |_, this| Ok(this.model.param_count()));
+        fields.add_field_method_get("vocab", |_, this| Ok(this.model.config.vocab));
+        fields.add_field_method_get("seq_len", |_, this| Ok(this.model.config.seq_len));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("param_count", |_, this, ()| Ok(this.model.param_count()));
+        methods.add_method(
+            "generate",
+            |lua, this, (prompt, options): (Option<String>, Option<Value>)| {
+                check_stop()?;
+                let prompt = prompt.unwrap_or_default();
+                let seed_default = lock(&context(lua)?).opts.seed;
+                let mut opts = SampleOptions {
+                    max_tokens: 200,
+                    temperature: 0.8,
+                    top_k: None,
+                    seed: seed_default,
+                    stop_token: Some(this.tokenizer.eod()),
+                };
+                if let Some(options) = options.filter(|v| !v.is_nil()) {
+                    let o = Opts::new(
+                        "model:generate",
+                        table_arg("model:generate", options)?,
+                        GENERATE_KEYS,
+                        false,
+                    )?;
+                    opts.max_tokens = o.usize("max_tokens")?.unwrap_or(opts.max_tokens);
+                    opts.temperature = o.f64("temperature")?.unwrap_or(opts.temperature);
+                    opts.top_k = o.usize("top_k")?;
+                    opts.seed = o.usize("seed")?.map(|s| s as u64).unwrap_or(opts.seed);
+                }
+                let ids = this
+                    .tokenizer
+                    .encode(&prompt)
+                    .map_err(mlua::Error::runtime)?;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= this.model.config.vocab) {
+                    return Err(mlua::Error::runtime(format!(
+                        "prompt token {bad} is outside the model's vocabulary"
+                    )));
+                }
+                let out = this
+                    .model
+                    .no_grad(|| generate(&this.model, &ids, &opts, &signals::stop_requested));
+                match out {
+                    Ok(ids) => Ok(this.tokenizer.decode(&ids)),
+                    Err(_) if signals::stop_requested() => {
+                        Err(mlua::Error::external(signals::Interrupted))
+                    }
+                    Err(e) => Err(mlua::Error::runtime(format!("model:generate: {e}"))),
+                }
+            },
+        );
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            let c = &this.model.config;
+            Ok(format!(
+                "wick.model(dim={}, n_layers={}, n_heads={}, n_kv_heads={}, hidden_dim={}, vocab={}, seq_len={}, tied={}, params={})",
+                c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab, c.seq_len, c.tie_embeddings,
+                this.model.param_count()
+            ))
+        });
+    }
+}

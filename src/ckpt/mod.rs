@@ -1,0 +1,264 @@
+//! Checkpoint files: one safetensors file (tensors `model.*`, `optim.m.*`, `optim.v.*`) with a
+//! JSON metadata entry `wick`, written atomically (temp file in the same directory → write →
+//! fsync → rename → fsync the directory). A checksum of the tensor bytes is verified on load.
+
+pub mod meta;
+
+pub use meta::CkptMeta;
+
+use candle_core::{Device, Tensor};
+use safetensors::View;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The temp file being written right now, so an abort (third Ctrl+C) can remove it.
+pub static WRITING: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+#[derive(Debug)]
+pub struct SaveError {
+    pub path: PathBuf,
+    pub cause: String,
+}
+
+impl std::fmt::Display for SaveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot write checkpoint {}: {}",
+            self.path.display(),
+            self.cause
+        )
+    }
+}
+
+pub struct SaveReport {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// Remove temp files that a killed run left beside `path` (their writer is gone).
+pub fn sweep_stale(path: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return removed;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let fname = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = fname
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 || !process_alive(pid) {
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed.push(entry.path());
+            }
+        }
+    }
+    removed
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence without sending anything.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() != libc::ESRCH }
+}
+
+/// Write `tensors` and `meta` to `path` atomically. On failure the temp file is removed and an
+/// existing file at `path` is untouched.
+pub fn save(
+    path: &Path,
+    meta: &mut CkptMeta,
+    tensors: &[(String, Tensor)],
+) -> Result<SaveReport, SaveError> {
+    let t0 = Instant::now();
+    let err = |cause: String| SaveError {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
+
+    // Tensor bytes first: the checksum goes into the header, which precedes them.
+    let mut datas = Vec::with_capacity(tensors.len());
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for (name, t) in tensors {
+        let t = t
+            .to_device(&Device::Cpu)
+            .map_err(|e| err(format!("tensor {name}: {e}")))?;
+        let bytes = t.data().into_owned();
+        hasher.update(&bytes);
+        datas.push((name.clone(), t.dtype(), t.dims().to_vec(), bytes));
+    }
+    meta.checksum = format!("xxh3:{:016x}", hasher.digest());
+
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in &datas {
+        let dt = match dtype {
+            candle_core::DType::F32 => "F32",
+            candle_core::DType::BF16 => "BF16",
+            candle_core::DType::F16 => "F16",
+            candle_core::DType::F64 => "F64",
+            candle_core::DType::U32 => "U32",
+            other => return Err(err(format!("unsupported dtype {other:?} for {name}"))),
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let meta_json = serde_json::to_string(meta).map_err(|e| err(format!("metadata: {e}")))?;
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({ "wick": meta_json, "format": "pt" }),
+    );
+    let mut header_bytes = serde_json::to_vec(&header).map_err(|e| err(format!("header: {e}")))?;
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+
+    let tmp = temp_path(path);
+    if let Ok(mut w) = WRITING.lock() {
+        *w = Some(tmp.clone());
+    }
+    let result = (|| -> std::io::Result<u64> {
+        let file = File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+        w.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+        w.write_all(&header_bytes)?;
+        for (_, _, _, bytes) in &datas {
+            w.write_all(bytes)?;
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()?;
+        Ok(8 + header_bytes.len() as u64 + offset as u64)
+    })();
+    if let Ok(mut w) = WRITING.lock() {
+        *w = None;
+    }
+    match result {
+        Ok(bytes) => Ok(SaveReport {
+            bytes,
+            seconds: t0.elapsed().as_secs_f64(),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(err(e.to_string()))
+        }
+    }
+}
+
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub meta: CkptMeta,
+    pub tensors: BTreeMap<String, Tensor>,
+    pub file_size: u64,
+}
+
+impl Checkpoint {
+    /// Tensors under a prefix (`model.`, `optim.m.`, ...), with the prefix removed.
+    pub fn group(&self, prefix: &str) -> BTreeMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+}
+
+/// Read and verify a checkpoint. Every failure is a message naming the file and what is wrong.
+pub fn load(path: &Path) -> Result<Checkpoint, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read checkpoint {}: {e}", path.display()))?;
+    let meta = read_meta(path, &bytes)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{} is not a valid safetensors file: {e}", path.display()))?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8])) as usize;
+    let data = &bytes[8 + n..];
+    let sum = format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(data));
+    if sum != meta.checksum {
+        return Err(format!(
+            "checkpoint {} is corrupt: checksum of tensor bytes is {sum}, the file records {} (was it modified or partly copied?)",
+            path.display(),
+            meta.checksum
+        ));
+    }
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| format!("checkpoint {}: tensor {name}: {e}", path.display()))?;
+        tensors.insert(name, t);
+    }
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        meta,
+        tensors,
+        file_size: bytes.len() as u64,
+    })
+}
+
+/// Only the metadata (cheap: reads the header).
+pub fn read_meta(path: &Path, bytes: &[u8]) -> Result<CkptMeta, String> {
+    let bad = |why: &str| format!("{} is not a wick checkpoint: {why}", path.display());
+    if bytes.len() < 8 {
+        return Err(bad(
+            "file is shorter than a safetensors header (truncated?)",
+        ));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+    if n > bytes.len() as u64 - 8 || n > 100 << 20 {
+        return Err(bad(
+            "header length is past the end of the file (truncated, or not safetensors)",
+        ));
+    }
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n as usize])
+        .map_err(|e| bad(&format!("header is not JSON ({e})")))?;
+    let meta = header
+        .get("__metadata__")
+        .and_then(|m| m.get("wick"))
+        .and_then(|m| m.as_str())
+        .ok_or_else(|| bad("no `wick` metadata entry (a safetensors file from another tool?)"))?;
+    serde_json::from_str(meta).map_err(|e| bad(&format!("metadata does not parse ({e})")))
+}
+
+/// Metadata of the checkpoint at `path` if one is there and readable (reads only the header).
+pub fn peek(path: &Path) -> Option<CkptMeta> {
+    use std::io::Read;
+    let mut f = File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len).min(100 << 20) as usize;
+    let mut buf = vec![0u8; 8 + n];
+    buf[..8].copy_from_slice(&len);
+    f.read_exact(&mut buf[8..]).ok()?;
+    read_meta(path, &buf).ok()
+}

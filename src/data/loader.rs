@@ -1,0 +1,231 @@
+//! The loader: packs token windows of (batch, seq_len+1) from a weighted mixture of streams on a
+//! background thread, a few batches ahead. Each batch travels with the cursor *after* it, and
+//! the loader remembers the cursor of the last batch handed out: that, not how far the thread
+//! has read ahead, is what a checkpoint saves.
+
+use super::source::{SourceSpec, StreamCursor};
+use super::stream::{pick_weighted, TokenStream};
+use super::tokenizer::Tokenizer;
+use super::DataStats;
+use crate::rng::Rng;
+use crate::train::Windows;
+use serde::{Deserialize, Serialize};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct LoaderSpec {
+    pub name: String,
+    pub sources: Vec<(String, Arc<SourceSpec>, f64)>,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+    pub prefetch: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoaderCursor {
+    pub streams: Vec<StreamCursor>,
+    pub mix_rng: Rng,
+    pub batches: u64,
+}
+
+impl LoaderCursor {
+    pub fn start(spec: &LoaderSpec) -> Self {
+        LoaderCursor {
+            streams: vec![StreamCursor::default(); spec.sources.len()],
+            mix_rng: Rng::derive(spec.seed, &format!("mix/{}", spec.name)),
+            batches: 0,
+        }
+    }
+}
+
+type Produced = Result<(Windows, LoaderCursor), String>;
+
+pub struct Loader {
+    pub spec: LoaderSpec,
+    pub tokenizer: Arc<Tokenizer>,
+    pub stats: Arc<Mutex<DataStats>>,
+    /// Cursor after the last batch handed out.
+    pub consumed: LoaderCursor,
+    rx: Option<Receiver<Produced>>,
+    failed: Option<String>,
+    /// The first batches from the start, kept for repeatable evaluation.
+    eval_cache: Vec<Windows>,
+    pub wait_ms_total: f64,
+}
+
+pub enum NextError {
+    Interrupted,
+    Data(String),
+}
+
+struct Producer {
+    streams: Vec<TokenStream>,
+    weights: Vec<f64>,
+    cursor: LoaderCursor,
+    batch: usize,
+    width: usize,
+}
+
+impl Producer {
+    fn new(
+        spec: &LoaderSpec,
+        tokenizer: &Arc<Tokenizer>,
+        cursor: LoaderCursor,
+        stats: &Arc<Mutex<DataStats>>,
+    ) -> Self {
+        let streams = spec
+            .sources
+            .iter()
+            .zip(cursor.streams.iter())
+            .map(|((_, s, _), c)| {
+                TokenStream::new(s.clone(), tokenizer.clone(), c.clone(), stats.clone())
+            })
+            .collect();
+        Producer {
+            streams,
+            weights: spec.sources.iter().map(|(_, _, w)| *w).collect(),
+            cursor,
+            batch: spec.batch,
+            width: spec.seq_len + 1,
+        }
+    }
+
+    fn next_batch(&mut self) -> Produced {
+        let mut tokens = Vec::with_capacity(self.batch * self.width);
+        for _ in 0..self.batch {
+            let i = pick_weighted(&self.weights, &mut self.cursor.mix_rng);
+            self.streams[i].take(self.width, &mut tokens)?;
+        }
+        for (c, s) in self.cursor.streams.iter_mut().zip(&self.streams) {
+            *c = s.cursor.clone();
+        }
+        self.cursor.batches += 1;
+        Ok((
+            Windows {
+                tokens,
+                batch: self.batch,
+                width: self.width,
+            },
+            self.cursor.clone(),
+        ))
+    }
+}
+
+impl Loader {
+    pub fn new(
+        spec: LoaderSpec,
+        tokenizer: Arc<Tokenizer>,
+        cursor: Option<LoaderCursor>,
+    ) -> Loader {
+        let consumed = cursor.unwrap_or_else(|| LoaderCursor::start(&spec));
+        let mut loader = Loader {
+            spec,
+            tokenizer,
+            stats: Arc::new(Mutex::new(DataStats::default())),
+            consumed,
+            rx: None,
+            failed: None,
+            eval_cache: Vec::new(),
+            wait_ms_total: 0.0,
+        };
+        loader.restart();
+        loader
+    }
+
+    /// (Re)start the background thread from the consumed cursor.
+    fn restart(&mut self) {
+        let (tx, rx) = sync_channel::<Produced>(self.spec.prefetch.max(1));
+        let mut producer = Producer::new(
+            &self.spec,
+            &self.tokenizer,
+            self.consumed.clone(),
+            &self.stats,
+        );
+        let name = format!("wick-data-{}", self.spec.name);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
+            let item = producer.next_batch();
+            let stop = item.is_err();
+            // A closed channel means the loader was dropped or restarted: stop reading.
+            if tx.send(item).is_err() || stop {
+                break;
+            }
+        });
+        match spawned {
+            Ok(_) => self.rx = Some(rx),
+            Err(e) => self.failed = Some(format!("cannot start the data thread: {e}")),
+        }
+    }
+
+    /// The next batch. Waits for the background thread, polling `should_stop` so a Ctrl+C
+    /// is not held up by slow data.
+    pub fn next(&mut self, should_stop: &dyn Fn() -> bool) -> Result<Windows, NextError> {
+        if let Some(e) = &self.failed {
+            return Err(NextError::Data(e.clone()));
+        }
+        let t0 = Instant::now();
+        let rx = match &self.rx {
+            Some(rx) => rx,
+            None => return Err(NextError::Data("data thread is not running".into())),
+        };
+        loop {
+            if should_stop() {
+                return Err(NextError::Interrupted);
+            }
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok((w, cursor))) => {
+                    self.consumed = cursor;
+                    self.wait_ms_total += t0.elapsed().as_secs_f64() * 1e3;
+                    return Ok(w);
+                }
+                Ok(Err(e)) => {
+                    self.failed = Some(e.clone());
+                    return Err(NextError::Data(e));
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    let e = "data thread stopped unexpectedly".to_string();
+                    self.failed = Some(e.clone());
+                    return Err(NextError::Data(e));
+                }
+            }
+        }
+    }
+
+    /// The first `n` batches from the very start of the data, the same every time
+    /// (evaluation must compare like with like). Read synchronously once, then cached.
+    pub fn eval_batches(
+        &mut self,
+        n: usize,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<Windows>, NextError> {
+        if self.eval_cache.len() < n {
+            // Its own counters: rows read for evaluation are not rows of training data.
+            let stats = Arc::new(Mutex::new(DataStats::default()));
+            let mut producer = Producer::new(
+                &self.spec,
+                &self.tokenizer,
+                LoaderCursor::start(&self.spec),
+                &stats,
+            );
+            let mut batches = Vec::with_capacity(n);
+            for _ in 0..n {
+                if should_stop() {
+                    return Err(NextError::Interrupted);
+                }
+                let (w, _) = producer.next_batch().map_err(NextError::Data)?;
+                batches.push(w);
+            }
+            self.eval_cache = batches;
+        }
+        Ok(self.eval_cache[..n].to_vec())
+    }
+}
+
+impl Loader {
+    pub fn stats_snapshot(&self) -> DataStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}

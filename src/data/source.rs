@@ -1,0 +1,400 @@
+//! Sources: lists of local files (plain text, `.jsonl`, `.jsonl.zst`) read as a stream of
+//! records. A record is one JSON row, or a block of lines of a text file. Every position is a
+//! plain cursor (file, byte offset, line, tokens already taken) so a checkpoint can save it and a
+//! resume can continue from the same token.
+
+use super::DataStats;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Format {
+    Text,
+    Jsonl,
+    JsonlZst,
+}
+
+impl Format {
+    pub fn of(path: &Path) -> Format {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        if name.ends_with(".zst") {
+            Format::JsonlZst
+        } else if name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".ndjson") {
+            Format::Jsonl
+        } else {
+            Format::Text
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnBad {
+    Skip,
+    Error,
+}
+
+/// What a source reads and how. Plain data: it is compared on resume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceSpec {
+    pub files: Vec<FileEntry>,
+    /// JSON field that holds the text.
+    pub field: String,
+    /// Shuffle the file order each epoch (seeded; the order is a function of seed and epoch).
+    pub shuffle: bool,
+    pub seed: u64,
+    pub on_bad_row: OnBad,
+    pub on_bad_file: OnBad,
+    /// Keep only rows whose `meta.redpajama_set_name` is in this list (None: all rows).
+    pub subsets: Option<Vec<String>>,
+}
+
+/// Where a stream stands. `offset`/`line` locate the record being consumed (in the decompressed
+/// bytes), `token` counts the tokens of that record already handed out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCursor {
+    pub epoch: u64,
+    pub file: usize,
+    pub offset: u64,
+    pub line: u64,
+    pub token: usize,
+}
+
+/// Records of text files are blocks of whole lines of about this many bytes.
+const TEXT_RECORD_BYTES: usize = 64 * 1024;
+
+/// Sort paths so that `_10` comes after `_9`.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, String)> {
+        let mut out: Vec<(bool, String)> = Vec::new();
+        for c in s.chars() {
+            let d = c.is_ascii_digit();
+            match out.last_mut() {
+                Some((kind, buf)) if *kind == d => buf.push(c),
+                _ => out.push((d, c.to_string())),
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let ord = if x.0 && y.0 {
+            let (tx, ty) = (x.1.trim_start_matches('0'), y.1.trim_start_matches('0'));
+            tx.len().cmp(&ty.len()).then(tx.cmp(ty))
+        } else {
+            x.1.cmp(&y.1)
+        };
+        if ord != std::cmp::Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// Expand files and directories (recursively) into a sorted file list.
+/// `accept` decides which files found inside directories are kept.
+pub fn discover(
+    paths: &[String],
+    accept: &dyn Fn(&Path) -> bool,
+) -> Result<Vec<FileEntry>, String> {
+    let mut out = Vec::new();
+    for p in paths {
+        let path = Path::new(p);
+        let meta = std::fs::metadata(path).map_err(|e| {
+            format!(
+                "data path {p}: {e} (check the path; it is read relative to the working directory)"
+            )
+        })?;
+        if meta.is_dir() {
+            let mut found = Vec::new();
+            walk(path, accept, &mut found)?;
+            if found.is_empty() {
+                return Err(format!(
+                    "data directory {p} holds no data files (.txt, .jsonl, .jsonl.zst)"
+                ));
+            }
+            found.sort_by(|a: &PathBuf, b: &PathBuf| {
+                natural_cmp(&a.to_string_lossy(), &b.to_string_lossy())
+            });
+            for f in found {
+                let size = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+                out.push(FileEntry {
+                    path: f.to_string_lossy().into_owned(),
+                    size,
+                });
+            }
+        } else {
+            out.push(FileEntry {
+                path: p.clone(),
+                size: meta.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, accept: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<(), String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, accept, out)?;
+        } else if accept(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+pub fn is_data_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if name.starts_with('.') {
+        return false;
+    }
+    [
+        ".txt",
+        ".jsonl",
+        ".jsonl.zst",
+        ".json.zst",
+        ".ndjson",
+        ".md",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
+}
+
+pub struct Record {
+    pub offset: u64,
+    pub line: u64,
+    pub text: String,
+    /// The record ends a document (every JSON row; the last block of a text file).
+    pub end_of_doc: bool,
+}
+
+/// Reads the records of one file from a given position.
+pub struct RecordReader {
+    reader: Box<dyn BufRead + Send>,
+    format: Format,
+    path: String,
+    offset: u64,
+    line: u64,
+    spec_field: String,
+    subsets: Option<Vec<String>>,
+    on_bad_row: OnBad,
+    stats: Arc<Mutex<DataStats>>,
+    buf: Vec<u8>,
+}
+
+impl RecordReader {
+    pub fn open(
+        spec: &SourceSpec,
+        file: &FileEntry,
+        offset: u64,
+        line: u64,
+        stats: Arc<Mutex<DataStats>>,
+    ) -> Result<RecordReader, String> {
+        let path = Path::new(&file.path);
+        let format = Format::of(path);
+        let mut f =
+            File::open(path).map_err(|e| format!("cannot open data file {}: {e}", file.path))?;
+        let reader: Box<dyn BufRead + Send> = match format {
+            Format::JsonlZst => {
+                let dec = zstd::stream::read::Decoder::new(f)
+                    .map_err(|e| format!("cannot read zstd file {}: {e}", file.path))?;
+                let mut r = BufReader::with_capacity(1 << 20, dec);
+                // Compressed streams cannot seek: decompress and discard up to the cursor.
+                let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
+                    .map_err(|e| zst_error(&file.path, &e))?;
+                if skipped != offset {
+                    return Err(format!("data file {} is shorter than the saved position {offset}; it changed since the checkpoint", file.path));
+                }
+                Box::new(r)
+            }
+            _ => {
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(|e| format!("cannot seek in {}: {e}", file.path))?;
+                Box::new(BufReader::with_capacity(1 << 20, f))
+            }
+        };
+        Ok(RecordReader {
+            reader,
+            format,
+            path: file.path.clone(),
+            offset,
+            line,
+            spec_field: spec.field.clone(),
+            subsets: spec.subsets.clone(),
+            on_bad_row: spec.on_bad_row,
+            stats,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The next usable record, None at the end of the file. Bad rows are counted and skipped
+    /// (or are an error with `on_bad_row = "error"`).
+    pub fn next_record(&mut self) -> Result<Option<Record>, String> {
+        loop {
+            let start = self.offset;
+            let line_no = self.line;
+            let text = match self.format {
+                Format::Text => {
+                    self.buf.clear();
+                    loop {
+                        let n = self.read_line_into_buf()?;
+                        if n == 0 || self.buf.len() >= TEXT_RECORD_BYTES {
+                            break;
+                        }
+                    }
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let at_end = self.reader.fill_buf().map(|b| b.is_empty()).unwrap_or(true);
+                    let mut bytes: &[u8] = &self.buf;
+                    if start == 0 {
+                        bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+                    }
+                    let text = String::from_utf8_lossy(bytes).replace("\r\n", "\n");
+                    return Ok(Some(Record {
+                        offset: start,
+                        line: line_no,
+                        text,
+                        end_of_doc: at_end,
+                    }));
+                }
+                _ => {
+                    self.buf.clear();
+                    let n = self.read_line_into_buf()?;
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    self.parse_row(start, line_no)?
+                }
+            };
+            if let Some(text) = text {
+                self.stats_mut().rows += 1;
+                return Ok(Some(Record {
+                    offset: start,
+                    line: line_no,
+                    text,
+                    end_of_doc: true,
+                }));
+            }
+        }
+    }
+
+    fn stats_mut(&self) -> std::sync::MutexGuard<'_, DataStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one line (with its newline) to buf; returns the bytes read.
+    fn read_line_into_buf(&mut self) -> Result<usize, String> {
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|e| match self.format {
+                Format::JsonlZst => zst_error(&self.path, &e),
+                _ => format!("cannot read data file {}: {e}", self.path),
+            })?;
+        self.offset += n as u64;
+        if n > 0 {
+            self.line += 1;
+        }
+        Ok(n)
+    }
+
+    /// Text of a JSON row; None when the row is skipped (blank, bad, filtered out).
+    fn parse_row(&mut self, start: u64, line_idx: u64) -> Result<Option<String>, String> {
+        let mut bytes: &[u8] = &self.buf;
+        if start == 0 {
+            bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        }
+        while let Some((&last, rest)) = bytes.split_last() {
+            if last == b'\n' || last == b'\r' || last == b' ' || last == b'\t' {
+                bytes = rest;
+            } else {
+                break;
+            }
+        }
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let line_no = line_idx + 1;
+        let row: serde_json::Value = match serde_json::from_slice(bytes) {
+            Ok(v) => v,
+            Err(e) => return self.bad_row(line_no, &format!("malformed JSON ({e})")),
+        };
+        let text = match row.get(&self.spec_field) {
+            Some(serde_json::Value::String(s)) => s,
+            Some(_) => {
+                return self.bad_row(
+                    line_no,
+                    &format!("field '{}' is not a string", self.spec_field),
+                )
+            }
+            None => return self.bad_row(line_no, &format!("no field '{}'", self.spec_field)),
+        };
+        if let Some(wanted) = &self.subsets {
+            let subset = subset_of(&row);
+            if !wanted.iter().any(|w| *w == subset) {
+                return Ok(None);
+            }
+        }
+        if text.is_empty() {
+            self.stats_mut().empty_rows += 1;
+            return Ok(None);
+        }
+        Ok(Some(text.clone()))
+    }
+
+    fn bad_row(&mut self, line_no: u64, why: &str) -> Result<Option<String>, String> {
+        let msg = format!("{}:{line_no}: {why}", self.path);
+        if self.on_bad_row == OnBad::Error {
+            return Err(format!(
+                "bad row at {msg} (on_bad_row = \"error\"; use \"skip\" to skip such rows)"
+            ));
+        }
+        let mut st = self.stats_mut();
+        st.bad_rows += 1;
+        if st.examples.len() < 5 {
+            st.examples.push(msg.clone());
+            drop(st);
+            crate::progress::warn(&format!("skipped bad row {msg}"));
+        }
+        Ok(None)
+    }
+}
+
+/// SlimPajama's subset of a row: `meta.redpajama_set_name`, where `meta` may also be a JSON
+/// string holding that object (as in parquet exports); `unknown` when missing.
+pub fn subset_of(row: &serde_json::Value) -> String {
+    let meta = match row.get("meta") {
+        Some(serde_json::Value::String(s)) => serde_json::from_str::<serde_json::Value>(s).ok(),
+        Some(v) => Some(v.clone()),
+        None => None,
+    };
+    meta.as_ref()
+        .and_then(|m| m.get("redpajama_set_name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+fn zst_error(path: &str, e: &std::io::Error) -> String {
+    format!("data file {path} is not a valid zstd stream (truncated or corrupt?): {e}")
+}

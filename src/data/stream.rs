@@ -1,0 +1,187 @@
+//! A token stream over one source: records → tokens (+ end-of-document), taken in windows.
+//! Its cursor names the exact next token, so a copy built from a saved cursor continues
+//! bit-identically.
+
+use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor};
+use super::tokenizer::Tokenizer;
+use super::DataStats;
+use crate::rng::Rng;
+use std::sync::{Arc, Mutex};
+
+pub struct TokenStream {
+    spec: Arc<SourceSpec>,
+    tokenizer: Arc<Tokenizer>,
+    stats: Arc<Mutex<DataStats>>,
+    pub cursor: StreamCursor,
+    order: Vec<usize>,
+    reader: Option<RecordReader>,
+    /// Tokens of the record at the cursor; cursor.token of them are taken.
+    pending: Vec<u32>,
+    /// The cursor's record has not been re-read yet (fresh stream or resumed one).
+    reload: bool,
+    tokens_since_wrap: u64,
+    wrapped: bool,
+}
+
+impl TokenStream {
+    pub fn new(
+        spec: Arc<SourceSpec>,
+        tokenizer: Arc<Tokenizer>,
+        cursor: StreamCursor,
+        stats: Arc<Mutex<DataStats>>,
+    ) -> Self {
+        let order = file_order(&spec, cursor.epoch);
+        TokenStream {
+            spec,
+            tokenizer,
+            stats,
+            cursor,
+            order,
+            reader: None,
+            pending: Vec::new(),
+            reload: true,
+            tokens_since_wrap: 0,
+            wrapped: false,
+        }
+    }
+
+    /// Append exactly `n` tokens to `out`, crossing records, files and epochs as needed.
+    pub fn take(&mut self, n: usize, out: &mut Vec<u32>) -> Result<(), String> {
+        let mut need = n;
+        while need > 0 {
+            if self.reload || self.cursor.token >= self.pending.len() {
+                self.advance()?;
+                continue;
+            }
+            let k = need.min(self.pending.len() - self.cursor.token);
+            out.extend_from_slice(&self.pending[self.cursor.token..self.cursor.token + k]);
+            self.cursor.token += k;
+            self.tokens_since_wrap += k as u64;
+            need -= k;
+        }
+        Ok(())
+    }
+
+    /// Move to the next record (or re-read the cursor's record after a resume).
+    fn advance(&mut self) -> Result<(), String> {
+        let resuming = self.reload;
+        loop {
+            if self.reader.is_none() {
+                if self.cursor.file >= self.order.len() {
+                    self.wrap_epoch()?;
+                }
+                let entry: &FileEntry = &self.spec.files[self.order[self.cursor.file]];
+                match RecordReader::open(
+                    &self.spec,
+                    entry,
+                    self.cursor.offset,
+                    self.cursor.line,
+                    self.stats.clone(),
+                ) {
+                    Ok(r) => self.reader = Some(r),
+                    Err(e) => {
+                        self.bad_file(e)?;
+                        continue;
+                    }
+                }
+            }
+            let next = match self.reader.as_mut().map(|r| r.next_record()) {
+                Some(Ok(rec)) => rec,
+                Some(Err(e)) => {
+                    self.bad_file(e)?;
+                    continue;
+                }
+                None => None,
+            };
+            match next {
+                Some(rec) => {
+                    let keep = if resuming && rec.offset == self.cursor.offset {
+                        self.cursor.token
+                    } else {
+                        0
+                    };
+                    self.pending.clear();
+                    self.tokenizer.encode_into(&rec.text, &mut self.pending)?;
+                    if rec.end_of_doc {
+                        self.pending.push(self.tokenizer.eod());
+                    }
+                    self.cursor.offset = rec.offset;
+                    self.cursor.line = rec.line;
+                    self.cursor.token = keep.min(self.pending.len());
+                    self.reload = false;
+                    return Ok(());
+                }
+                None => {
+                    self.reader = None;
+                    self.cursor.file += 1;
+                    self.cursor.offset = 0;
+                    self.cursor.line = 0;
+                    self.cursor.token = 0;
+                }
+            }
+        }
+    }
+
+    fn wrap_epoch(&mut self) -> Result<(), String> {
+        if self.wrapped && self.tokens_since_wrap == 0 {
+            return Err(format!(
+                "data source has no usable text: {} file(s) read, every row was empty, filtered out or bad{}",
+                self.spec.files.len(),
+                self.spec.files.first().map(|f| format!(" (first file {})", f.path)).unwrap_or_default()
+            ));
+        }
+        self.wrapped = true;
+        self.tokens_since_wrap = 0;
+        self.cursor.epoch += 1;
+        self.cursor.file = 0;
+        self.cursor.offset = 0;
+        self.cursor.line = 0;
+        self.order = file_order(&self.spec, self.cursor.epoch);
+        Ok(())
+    }
+
+    /// An unreadable or corrupt file: an error, or skipped and reported with on_bad_file = "skip".
+    fn bad_file(&mut self, err: String) -> Result<(), String> {
+        if self.spec.on_bad_file == OnBad::Error {
+            return Err(format!(
+                "{err} (set on_bad_file = \"skip\" to skip such files)"
+            ));
+        }
+        {
+            let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.bad_files += 1;
+        }
+        crate::progress::warn(&format!("skipping file: {err}"));
+        self.reader = None;
+        self.cursor.file += 1;
+        self.cursor.offset = 0;
+        self.cursor.line = 0;
+        self.cursor.token = 0;
+        Ok(())
+    }
+}
+
+/// File order of an epoch: sorted, or a seeded shuffle that depends only on (seed, epoch).
+pub fn file_order(spec: &SourceSpec, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..spec.files.len()).collect();
+    if spec.shuffle {
+        Rng::derive(spec.seed, &format!("file-order/{epoch}")).shuffle(&mut order);
+    }
+    order
+}
+
+/// Pick an index with probability proportional to its weight.
+pub fn pick_weighted(weights: &[f64], rng: &mut Rng) -> usize {
+    if weights.len() == 1 {
+        return 0;
+    }
+    let total: f64 = weights.iter().sum();
+    let mut r = rng.next_f64() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if r < *w {
+            return i;
+        }
+        r -= w;
+    }
+    weights.len() - 1
+}

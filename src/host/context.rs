@@ -1,0 +1,107 @@
+//! The run context: what the host knows about a run beyond the Lua state — options, the
+//! checkpoint being resumed, the session and loaders to checkpoint, metrics output.
+//! It lives in the Lua state's app data so bindings and the guard reach the same object.
+
+use crate::ckpt::Checkpoint;
+use crate::data::Loader;
+use crate::train::Session;
+use candle_core::Device;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub struct RunOptions {
+    pub ckpt_path: PathBuf,
+    pub seed: u64,
+    pub device: Device,
+    pub device_name: String,
+    pub save_every: Option<u64>,
+    pub recipe: Option<PathBuf>,
+    pub recipe_hash: Option<String>,
+    pub args: Vec<String>,
+    /// Print progress lines (off inside `wick test` cases).
+    pub quiet: bool,
+}
+
+pub struct RunContext {
+    pub opts: RunOptions,
+    pub resume: Option<Arc<Checkpoint>>,
+    /// The session the guard checkpoints (the last one created).
+    pub session: Option<Arc<Mutex<Session>>>,
+    pub loaders: Vec<(String, Arc<Mutex<Loader>>)>,
+    pub run_id: String,
+    pub started_unix: f64,
+    /// Step of the last checkpoint written or resumed from: no newer step → nothing to save.
+    pub saved_step: u64,
+    /// The existing file at ckpt_path was already set aside (or did not need to be).
+    pub prev_handled: bool,
+    pub metrics: Option<File>,
+    /// Set when training diverged: the final checkpoint must not overwrite the good one.
+    pub diverged: bool,
+    /// For tokens/s on the progress line.
+    pub loop_clock: Option<(std::time::Instant, u64)>,
+}
+
+pub type SharedContext = Arc<Mutex<RunContext>>;
+
+impl RunContext {
+    pub fn new(opts: RunOptions, resume: Option<Arc<Checkpoint>>) -> RunContext {
+        let (run_id, saved_step) = match &resume {
+            Some(c) => (c.meta.run_id.clone(), c.meta.step),
+            None => (new_run_id(), 0),
+        };
+        RunContext {
+            opts,
+            resume,
+            session: None,
+            loaders: Vec::new(),
+            run_id,
+            started_unix: crate::ckpt::meta::now_unix(),
+            saved_step,
+            prev_handled: false,
+            metrics: None,
+            diverged: false,
+            loop_clock: None,
+        }
+    }
+
+    pub fn ckpt_dir(&self) -> PathBuf {
+        match self.opts.ckpt_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Append one JSON object to `<ckpt-dir>/metrics.jsonl`. A fresh run moves an earlier
+    /// run's file to metrics.prev.jsonl; a resumed run appends.
+    pub fn write_metrics(&mut self, row: &serde_json::Value) -> Result<(), String> {
+        if self.metrics.is_none() {
+            let dir = self.ckpt_dir();
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let path = dir.join("metrics.jsonl");
+            if self.resume.is_none() && path.exists() {
+                let _ = std::fs::rename(&path, dir.join("metrics.prev.jsonl"));
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            self.metrics = Some(f);
+        }
+        if let Some(f) = self.metrics.as_mut() {
+            let line = serde_json::to_string(row).map_err(|e| e.to_string())?;
+            writeln!(f, "{line}").map_err(|e| format!("cannot write metrics.jsonl: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn new_run_id() -> String {
+    let t = crate::ckpt::meta::now_unix();
+    let mix = xxhash_rust::xxh3::xxh3_64(format!("{t}/{}", std::process::id()).as_bytes());
+    format!("{:x}-{:08x}", t as u64, mix as u32)
+}

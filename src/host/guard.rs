@@ -1,0 +1,180 @@
+//! The guard: every entry point runs recipes through it. However the script ends — it returns,
+//! raises, is stopped by a signal, or a host call panics — the guard classifies the ending,
+//! writes the final checkpoint (unless nothing new was trained) and picks the exit code.
+
+use super::checkpointing::{self, SaveResult};
+use super::context::SharedContext;
+use super::lua::is_interrupt;
+use super::{exit, signals, Diverged, Refused};
+use mlua::{Lua, LuaSerdeExt};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+#[derive(Debug)]
+pub enum Ending {
+    Completed,
+    Failed(String),
+    Stopped(i32),
+    Panicked(String),
+    Refused(String),
+    Diverged(String),
+}
+
+impl Ending {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Ending::Completed => "completed",
+            Ending::Failed(_) => "error",
+            Ending::Stopped(_) => "interrupted",
+            Ending::Panicked(_) => "panic",
+            Ending::Refused(_) => "refused",
+            Ending::Diverged(_) => "diverged",
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Ending::Completed => exit::OK,
+            Ending::Failed(_) | Ending::Diverged(_) => exit::ERROR,
+            Ending::Stopped(sig) => signals::exit_code(*sig),
+            Ending::Panicked(_) => exit::PANIC,
+            Ending::Refused(_) => exit::USAGE,
+        }
+    }
+}
+
+/// Run one chunk of Lua (a recipe file, a REPL line, a test case) and classify how it ended.
+pub fn run_chunk(lua: &Lua, name: &str, src: &str) -> (Ending, Vec<mlua::Value>) {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        lua.load(src).set_name(name).eval::<mlua::MultiValue>()
+    }));
+    match result {
+        Ok(Ok(values)) => match signals::received().filter(|_| signals::stop_requested()) {
+            Some(sig) => (Ending::Stopped(sig), Vec::new()),
+            None => (Ending::Completed, values.into_iter().collect()),
+        },
+        Ok(Err(e)) => (classify_error(&e), Vec::new()),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            (Ending::Panicked(msg), Vec::new())
+        }
+    }
+}
+
+pub fn classify_error(e: &mlua::Error) -> Ending {
+    if is_interrupt(e) || signals::stop_requested() {
+        return Ending::Stopped(signals::received().unwrap_or(libc::SIGINT));
+    }
+    if let Some(r) = e.chain().find_map(|c| c.downcast_ref::<Refused>()) {
+        return Ending::Refused(r.0.clone());
+    }
+    if let Some(d) = e.chain().find_map(|c| c.downcast_ref::<Diverged>()) {
+        return Ending::Diverged(d.0.clone());
+    }
+    Ending::Failed(clean_message(e))
+}
+
+/// The user-facing text of a Lua error: the message and its Lua traceback, without mlua's
+/// wrapper noise or Rust backtraces.
+pub fn clean_message(e: &mlua::Error) -> String {
+    let text = match e {
+        mlua::Error::CallbackError { traceback, cause } => {
+            let inner = clean_message(cause);
+            if inner.contains("stack traceback:") {
+                inner
+            } else {
+                format!("{inner}\n{traceback}")
+            }
+        }
+        mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
+        mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::ExternalError(x) => x.to_string(),
+        mlua::Error::WithContext { context, cause } => {
+            format!("{context}: {}", clean_message(cause))
+        }
+        other => other.to_string(),
+    };
+    // candle errors may carry a Rust backtrace; users need the message, not our internals.
+    match text.find("\n   0: ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+/// The recipe's `wick.state` as JSON (null if absent or not plain data).
+pub fn read_state(lua: &Lua) -> serde_json::Value {
+    let state = lua
+        .globals()
+        .get::<mlua::Table>("wick")
+        .and_then(|w| w.get::<mlua::Value>("state"));
+    match state {
+        Ok(mlua::Value::Nil) | Err(_) => serde_json::Value::Null,
+        Ok(v) => match lua.from_value::<serde_json::Value>(v) {
+            Ok(j) => j,
+            Err(e) => {
+                crate::progress::warn(&format!(
+                    "wick.state is not plain data (numbers, strings, booleans, tables) and was not saved: {e}"
+                ));
+                serde_json::Value::Null
+            }
+        },
+    }
+}
+
+/// Report the ending, write the final checkpoint, and return the process exit code.
+pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
+    crate::progress::finish();
+    match ending {
+        Ending::Completed => {}
+        Ending::Failed(msg) => eprintln!("error: {msg}"),
+        Ending::Stopped(sig) => eprintln!("wick: stopped by {}", signals::signal_name(*sig)),
+        Ending::Panicked(msg) => eprintln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
+        Ending::Refused(msg) => eprintln!("error: cannot resume: {msg}"),
+        Ending::Diverged(msg) => eprintln!("error: {msg}"),
+    }
+    let code = ending.exit_code();
+    if matches!(ending, Ending::Refused(_)) {
+        eprintln!("wick: nothing saved; the checkpoint is untouched");
+        return code;
+    }
+    let mut ctx = match ctx.lock() {
+        Ok(c) => c,
+        Err(p) => p.into_inner(),
+    };
+    if ctx.diverged {
+        eprintln!(
+            "wick: {} was not overwritten with the diverged state",
+            ctx.opts.ckpt_path.display()
+        );
+        return code;
+    }
+    let state = read_state(lua);
+    let reason = ending.reason();
+    match checkpointing::save(&mut ctx, state, reason, None, false) {
+        Ok(r @ SaveResult::Saved { .. }) => {
+            eprintln!("wick: {}", checkpointing::describe(&r, reason))
+        }
+        Ok(r @ SaveResult::NothingNew(_)) => {
+            eprintln!("wick: {}", checkpointing::describe(&r, reason))
+        }
+        Err(e) => {
+            eprintln!("error: {e}\nwick: the previous checkpoint (if any) is untouched; free space or fix permissions, then rerun with --resume");
+            return exit::SAVE_FAILED;
+        }
+    }
+    code
+}
+
+/// Drop a Rust backtrace that candle may have appended to an error message.
+pub fn strip_backtrace(text: &str) -> String {
+    match text
+        .find("\n   0: ")
+        .or_else(|| text.find("\nStack backtrace"))
+    {
+        Some(i) => text[..i].to_string(),
+        None => text.to_string(),
+    }
+}

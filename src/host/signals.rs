@@ -1,0 +1,139 @@
+//! Signals: SIGINT, SIGTERM and SIGHUP set one stop flag that the Lua hook and every host call
+//! check. ctrlc runs our handler on its own thread (so it may print and exit); a thin sigaction
+//! wrapper in front of ctrlc's handler records *which* signal came, for the exit code.
+//!
+//! First signal: stop at the next step boundary and save. Second: acknowledged. Third: abort at
+//! once, removing a half-written temp file, so the previous checkpoint is what remains.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static COUNT: AtomicU32 = AtomicU32::new(0);
+static SAVING: AtomicBool = AtomicBool::new(false);
+/// In the REPL a first Ctrl+C cancels the running command instead of ending the program.
+static REPL_MODE: AtomicBool = AtomicBool::new(false);
+static CHAINED: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
+const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// The error a stopped script unwinds with (recognised by the guard and the xpcall prelude).
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted")
+    }
+}
+impl std::error::Error for Interrupted {}
+
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// The signal that asked to stop, if any.
+pub fn received() -> Option<i32> {
+    match LAST_SIGNAL.load(Ordering::Relaxed) {
+        0 if STOP.load(Ordering::Relaxed) => Some(libc::SIGINT),
+        0 => None,
+        s => Some(s),
+    }
+}
+
+pub fn exit_code(sig: i32) -> i32 {
+    128 + sig
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}
+
+/// Forget a handled stop (the REPL, after cancelling a command).
+pub fn clear() {
+    STOP.store(false, Ordering::SeqCst);
+    COUNT.store(0, Ordering::SeqCst);
+    LAST_SIGNAL.store(0, Ordering::SeqCst);
+}
+
+/// Ask to stop from inside the program (a case's timeout in `wick test`).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub fn set_saving(on: bool) {
+    SAVING.store(on, Ordering::SeqCst);
+}
+
+pub fn set_repl_mode(on: bool) {
+    REPL_MODE.store(on, Ordering::SeqCst);
+}
+
+extern "C" fn record_then_chain(sig: libc::c_int) {
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    if let Some(i) = SIGNALS.iter().position(|&s| s == sig) {
+        let prev = CHAINED[i].load(Ordering::SeqCst);
+        if prev != 0 && prev != libc::SIG_IGN && prev != libc::SIG_DFL {
+            // SAFETY: `prev` is the handler ctrlc installed (a plain `extern "C" fn(c_int)`).
+            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev) };
+            f(sig);
+        }
+    }
+}
+
+fn on_signal() {
+    let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+    STOP.store(true, Ordering::SeqCst);
+    let sig = LAST_SIGNAL.load(Ordering::SeqCst);
+    let name = signal_name(if sig == 0 { libc::SIGINT } else { sig });
+    match n {
+        1 if REPL_MODE.load(Ordering::SeqCst) => {}
+        1 => crate::progress::warn(&format!(
+            "{name} received: stopping at the next step boundary, then saving the checkpoint (Ctrl+C twice more aborts without saving)"
+        )),
+        2 if SAVING.load(Ordering::SeqCst) => {
+            crate::progress::warn("saving checkpoint, please wait (one more Ctrl+C aborts; the previous checkpoint stays)")
+        }
+        2 => crate::progress::warn("stopping, please wait (one more Ctrl+C aborts without saving)"),
+        _ => {
+            let tmp = crate::ckpt::WRITING.try_lock().ok().and_then(|g| g.clone());
+            if let Some(tmp) = tmp {
+                let _ = std::fs::remove_file(tmp);
+            }
+            eprintln!("\nwick: aborted by {name} without saving; the previous checkpoint (if any) is intact");
+            std::process::exit(exit_code(if sig == 0 { libc::SIGINT } else { sig }));
+        }
+    }
+}
+
+/// Install the handlers once per process.
+pub fn install() -> Result<(), String> {
+    ctrlc::set_handler(on_signal).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    for (i, &sig) in SIGNALS.iter().enumerate() {
+        // SAFETY: plain sigaction calls; the new handler only stores an atomic and chains.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                continue;
+            }
+            CHAINED[i].store(old.sa_sigaction, Ordering::SeqCst);
+            let mut new = old;
+            new.sa_sigaction = record_then_chain as *const () as usize;
+            new.sa_flags &= !libc::SA_SIGINFO;
+            libc::sigaction(sig, &new, std::ptr::null_mut());
+        }
+    }
+    // A file-size limit must surface as a write error (exit 74), not kill the process.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! wick: a training host for language models. Lua recipes decide the data schedule; the host
+//! owns the model, the training and the promise that a final checkpoint is written however the
+//! run ends.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod api;
+mod ckpt;
+mod cli;
+mod data;
+mod host;
+mod model;
+mod progress;
+mod rng;
+mod train;
+
+#[derive(Parser)]
+#[command(
+    name = "wick",
+    version,
+    about = "Train language models from Lua recipes; the final checkpoint is guaranteed"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// Directory for the checkpoint (full_model.ckpt) and metrics.jsonl.
+    #[arg(long, default_value = "checkpoints")]
+    ckpt_dir: PathBuf,
+    /// Compute device: cpu (cuda needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed for initialisation, data order and sampling.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Also save every N steps (off by default: no I/O in the training loop).
+    #[arg(long, value_name = "N")]
+    save_every: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a recipe: wick run RECIPE.lua [-- ARGS...]
+    Run {
+        recipe: PathBuf,
+        #[command(flatten)]
+        common: RunArgs,
+        /// Continue from a checkpoint (default: the one in --ckpt-dir).
+        #[arg(long, value_name = "CKPT", num_args = 0..=1, default_missing_value = "")]
+        resume: Option<String>,
+        /// Refuse to resume when the recipe file changed since the checkpoint.
+        #[arg(long)]
+        strict: bool,
+        /// Arguments for the recipe (wick.args and Lua's arg).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Summarise a checkpoint (and verify its checksum).
+    Inspect {
+        ckpt: PathBuf,
+        /// Print the metadata as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    // Rust backtraces belong in bug reports, not in messages about a user's recipe.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    cli::init_compute_threads();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run {
+            recipe,
+            common,
+            resume,
+            strict,
+            args,
+        } => cli::run(&recipe, &common, resume, strict, args),
+        Command::Inspect { ckpt, json } => cli::inspect(&ckpt, json),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

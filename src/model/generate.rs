@@ -1,0 +1,82 @@
+//! Sampling text from a model: temperature, top-k, a seed of its own.
+
+use super::Llama;
+use crate::rng::Rng;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+    /// Generation ends early when this token is drawn (the end-of-document token).
+    pub stop_token: Option<u32>,
+}
+
+/// Continue `prompt` by up to `max_tokens` tokens. `should_stop` is polled between tokens so a
+/// Ctrl+C does not wait for a long generation to finish.
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    should_stop: &dyn Fn() -> bool,
+) -> Result<Vec<u32>> {
+    let mut rng = Rng::new(opts.seed);
+    let mut tokens: Vec<u32> = prompt.to_vec();
+    if tokens.is_empty() {
+        // An empty prompt starts a fresh document.
+        tokens.push(opts.stop_token.unwrap_or(0));
+    }
+    let prompt_len = tokens.len();
+    let window = model.config.seq_len;
+    for _ in 0..opts.max_tokens {
+        if should_stop() {
+            candle_core::bail!("interrupted");
+        }
+        let start = tokens.len().saturating_sub(window);
+        let ctx = Tensor::new(&tokens[start..], model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&ctx)?;
+        let last = logits
+            .narrow(1, ctx.dim(1)? - 1, 1)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        let next = sample(&last, opts, &mut rng)?;
+        if Some(next) == opts.stop_token {
+            break;
+        }
+        tokens.push(next);
+    }
+    Ok(tokens[prompt_len.min(tokens.len())..].to_vec())
+}
+
+fn sample(logits: &Tensor, opts: &SampleOptions, rng: &mut Rng) -> Result<u32> {
+    if opts.temperature <= 0.0 {
+        return logits.argmax(D::Minus1)?.to_scalar::<u32>();
+    }
+    let logits: Vec<f32> = logits.to_vec1()?;
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    if let Some(k) = opts.top_k.filter(|&k| k > 0 && k < logits.len()) {
+        // Stable order (ties by index) keeps sampling deterministic.
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        idx.truncate(k);
+    }
+    let max = idx
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - max) as f64) / opts.temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut r = rng.next_f64() * total;
+    for (w, &i) in weights.iter().zip(&idx) {
+        if r < *w {
+            return Ok(i as u32);
+        }
+        r -= w;
+    }
+    Ok(*idx.last().unwrap_or(&0) as u32)
+}

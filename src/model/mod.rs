@@ -1,0 +1,330 @@
+//! A trainable llama-style decoder: RMSNorm, rotary embeddings (Hugging Face's half-split
+//! layout, so exports need no permutation), grouped-query attention and SwiGLU.
+//! Every op here has a backward pass in candle; parameter names follow llama2.c.
+
+mod config;
+pub mod generate;
+
+pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
+
+use crate::rng::Rng;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct Llama {
+    pub config: ModelConfig,
+    /// Sorted by name: iteration order is part of determinism (HashMap order is not stable).
+    params: BTreeMap<String, Var>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    /// Off while evaluating or sampling (see `no_grad`).
+    track_grad: AtomicBool,
+}
+
+/// Which parameters AdamW decays: matrices of the blocks and the head, not norms or embeddings.
+pub fn is_decayed(name: &str) -> bool {
+    !(name.contains("norm") || name.starts_with("tok_embeddings"))
+}
+
+impl Llama {
+    /// Seeded initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2·n_layers),
+    /// norms at 1. Each parameter draws from its own stream derived from (seed, name), so the
+    /// weights do not depend on the order parameters are created in.
+    pub fn new(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let mut params = BTreeMap::new();
+        for (name, shape) in Self::param_shapes(&config) {
+            let numel: usize = shape.iter().product();
+            let data: Vec<f32> = if name.contains("norm") {
+                vec![1.0; numel]
+            } else {
+                let std = if name.ends_with("wo.weight") || name.ends_with("w2.weight") {
+                    0.02 / (2.0 * config.n_layers as f64).sqrt()
+                } else {
+                    0.02
+                };
+                let mut rng = Rng::derive(seed, &name);
+                (0..numel).map(|_| (rng.normal() * std) as f32).collect()
+            };
+            let t = Tensor::from_vec(data, shape, device)?;
+            params.insert(name, Var::from_tensor(&t)?);
+        }
+        let (cos, sin) = rope_tables(&config, device)?;
+        Ok(Llama {
+            config,
+            params,
+            cos,
+            sin,
+            device: device.clone(),
+            track_grad: AtomicBool::new(true),
+        })
+    }
+
+    pub fn param_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let kv_dim = c.n_kv_heads * c.head_dim();
+        let mut v = vec![("tok_embeddings.weight".to_string(), vec![c.vocab, c.dim])];
+        for i in 0..c.n_layers {
+            let p = format!("layers.{i}");
+            v.push((format!("{p}.attention_norm.weight"), vec![c.dim]));
+            v.push((format!("{p}.attention.wq.weight"), vec![c.dim, c.dim]));
+            v.push((format!("{p}.attention.wk.weight"), vec![kv_dim, c.dim]));
+            v.push((format!("{p}.attention.wv.weight"), vec![kv_dim, c.dim]));
+            v.push((format!("{p}.attention.wo.weight"), vec![c.dim, c.dim]));
+            v.push((format!("{p}.ffn_norm.weight"), vec![c.dim]));
+            v.push((
+                format!("{p}.feed_forward.w1.weight"),
+                vec![c.hidden_dim, c.dim],
+            ));
+            v.push((
+                format!("{p}.feed_forward.w2.weight"),
+                vec![c.dim, c.hidden_dim],
+            ));
+            v.push((
+                format!("{p}.feed_forward.w3.weight"),
+                vec![c.hidden_dim, c.dim],
+            ));
+        }
+        v.push(("norm.weight".to_string(), vec![c.dim]));
+        if !c.tie_embeddings {
+            v.push(("output.weight".to_string(), vec![c.vocab, c.dim]));
+        }
+        v
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.values().map(|v| v.elem_count()).sum()
+    }
+
+    fn p(&self, name: &str) -> Result<Tensor> {
+        let var = self
+            .params
+            .get(name)
+            .ok_or_else(|| candle_core::Error::msg(format!("model has no parameter {name}")))?;
+        // Detached parameters build no graph: evaluation and sampling keep no activations.
+        Ok(if self.track_grad.load(Ordering::Relaxed) {
+            var.as_tensor().clone()
+        } else {
+            var.as_tensor().detach()
+        })
+    }
+
+    /// Run `f` with gradient tracking off (evaluation, generation).
+    pub fn no_grad<T>(&self, f: impl FnOnce() -> T) -> T {
+        let before = self.track_grad.swap(false, Ordering::Relaxed);
+        let out = f();
+        self.track_grad.store(before, Ordering::Relaxed);
+        out
+    }
+
+    /// Replace every parameter's value (shapes must match), e.g. from a checkpoint.
+    pub fn load_params(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.params {
+            let t = tensors.get(name).ok_or_else(|| {
+                candle_core::Error::msg(format!("checkpoint has no tensor for parameter {name}"))
+            })?;
+            if t.dims() != var.dims() {
+                candle_core::bail!(
+                    "parameter {name}: checkpoint shape {:?}, model shape {:?}",
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_device(&self.device)?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// tokens: (batch, time) u32 → logits (batch, time, vocab).
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = tokens.dims2()?;
+        if t > c.seq_len {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than the model's seq_len {}",
+                c.seq_len
+            );
+        }
+        let emb = self.p("tok_embeddings.weight")?;
+        let mut x = emb
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, t, c.dim))?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = causal_mask(t, &self.device)?;
+        for i in 0..c.n_layers {
+            let p = format!("layers.{i}");
+            let h = rms_norm(
+                &x,
+                &self.p(&format!("{p}.attention_norm.weight"))?,
+                c.norm_eps,
+            )?;
+            let a = self.attention(&h, &p, &cos, &sin, &mask)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &self.p(&format!("{p}.ffn_norm.weight"))?, c.norm_eps)?;
+            let f = self.feed_forward(&h, &p)?;
+            x = (x + f)?;
+        }
+        let x = rms_norm(&x, &self.p("norm.weight")?, c.norm_eps)?;
+        let head = if c.tie_embeddings {
+            self.p("tok_embeddings.weight")?
+        } else {
+            self.p("output.weight")?
+        };
+        linear(&x, &head)
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        p: &str,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let hd = c.head_dim();
+        let q = linear(x, &self.p(&format!("{p}.attention.wq.weight"))?)?;
+        let k = linear(x, &self.p(&format!("{p}.attention.wk.weight"))?)?;
+        let v = linear(x, &self.p(&format!("{p}.attention.wv.weight"))?)?;
+        let q = q
+            .reshape((b, t, c.n_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((b, t, c.n_kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((b, t, c.n_kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+        let (k, v) = if c.n_kv_heads != c.n_heads {
+            let rep = c.n_heads / c.n_kv_heads;
+            (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?;
+        let y = probs.matmul(&v)?; // (b, h, t, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, c.dim))?;
+        linear(&y, &self.p(&format!("{p}.attention.wo.weight"))?)
+    }
+
+    fn feed_forward(&self, x: &Tensor, p: &str) -> Result<Tensor> {
+        let gate = linear(x, &self.p(&format!("{p}.feed_forward.w1.weight"))?)?;
+        let up = linear(x, &self.p(&format!("{p}.feed_forward.w3.weight"))?)?;
+        let h = (gate.silu()? * up)?;
+        linear(&h, &self.p(&format!("{p}.feed_forward.w2.weight"))?)
+    }
+
+    /// Mean cross-entropy of next-token prediction. windows: (batch, seq+1) u32.
+    pub fn loss(&self, windows: &Tensor) -> Result<Tensor> {
+        let (_, n) = windows.dims2()?;
+        let input = windows.narrow(1, 0, n - 1)?;
+        let target = windows.narrow(1, 1, n - 1)?;
+        let logits = self.forward(&input)?;
+        let vocab = self.config.vocab;
+        candle_nn::loss::cross_entropy(&logits.reshape(((), vocab))?, &target.flatten_all()?)
+    }
+}
+
+/// x @ w^T for x of any rank ≥ 2 and w (out, in).
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension from ops that all have a backward pass
+/// (candle-nn's fused softmax has none).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Rotary embedding, half-split layout: (x1, x2) → (x1·cos − x2·sin, x1·sin + x2·cos).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}
+
+fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = c.head_dim();
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(c.seq_len * half);
+    let mut sin = Vec::with_capacity(c.seq_len * half);
+    for pos in 0..c.seq_len {
+        for i in 0..half {
+            let freq = 1.0 / c.rope_theta.powf((2 * i) as f64 / hd as f64);
+            let angle = pos as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (c.seq_len, half), device)?,
+        Tensor::from_vec(sin, (c.seq_len, half), device)?,
+    ))
+}
+
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, h, rep, t, d))?
+        .reshape((b, h * rep, t, d))
+}
+
+/// Tensors of a model in f32 on the CPU, by name (for checkpoints and exports).
+pub fn params_to_cpu(model: &Llama) -> Result<BTreeMap<String, Tensor>> {
+    model
+        .params
+        .iter()
+        .map(|(k, v)| {
+            Ok((
+                k.clone(),
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_device(&Device::Cpu)?,
+            ))
+        })
+        .collect()
+}

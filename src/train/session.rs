@@ -1,0 +1,165 @@
+//! The training session: model + optimizer + step counter. One `train_step` is indivisible:
+//! forward, cross-entropy, backward, clip and update all happen or none of the update does.
+
+use super::optim::{AdamW, UpdateError};
+use crate::model::{is_decayed, Llama};
+use candle_core::Tensor;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Session {
+    pub model: Arc<Llama>,
+    pub optim: AdamW,
+    /// Optimizer steps taken over the whole run, resumes included.
+    pub step: u64,
+    pub tokens_seen: u64,
+    /// Learning rate for the next step; the recipe sets it, the optimizer's lr is the default.
+    pub lr: f64,
+    pub last_loss: Option<f64>,
+    pub last_grad_norm: Option<f64>,
+    pub last_timing: StepTiming,
+}
+
+/// Milliseconds spent in each phase of the last step (the benchmark reports medians).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepTiming {
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optim_ms: f64,
+}
+
+#[derive(Debug)]
+pub enum StepError {
+    /// Loss or gradient norm stopped being finite. The update was not applied.
+    Diverged {
+        step: u64,
+        what: String,
+    },
+    Failed(candle_core::Error),
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Diverged { step, what } => write!(
+                f,
+                "training diverged at step {step}: {what}; lower the learning rate or clip harder"
+            ),
+            StepError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<candle_core::Error> for StepError {
+    fn from(e: candle_core::Error) -> Self {
+        StepError::Failed(e)
+    }
+}
+
+/// A batch of packed token windows, (batch, seq+1), as the loaders produce them.
+#[derive(Clone, Debug)]
+pub struct Windows {
+    pub tokens: Vec<u32>,
+    pub batch: usize,
+    pub width: usize,
+}
+
+impl Windows {
+    pub fn to_tensor(&self, model: &Llama) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(&self.tokens, (self.batch, self.width), model.device())
+    }
+}
+
+impl Session {
+    pub fn new(model: Arc<Llama>, optim: AdamW) -> Self {
+        let lr = optim.config.lr;
+        Session {
+            model,
+            optim,
+            step: 0,
+            tokens_seen: 0,
+            lr,
+            last_loss: None,
+            last_grad_norm: None,
+            last_timing: StepTiming::default(),
+        }
+    }
+
+    pub fn check_windows(&self, w: &Windows) -> Result<(), String> {
+        let vocab = self.model.config.vocab as u32;
+        if w.width < 2 {
+            return Err("a batch needs windows of at least 2 tokens".into());
+        }
+        if w.width - 1 > self.model.config.seq_len {
+            return Err(format!(
+                "batch windows hold {} tokens but the model's seq_len is {}; make the loader's seq_len at most the model's",
+                w.width - 1,
+                self.model.config.seq_len
+            ));
+        }
+        if let Some(bad) = w.tokens.iter().find(|&&t| t >= vocab) {
+            return Err(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}; the model's vocab must match the tokenizer's"
+            ));
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on `windows`; returns the loss before the update.
+    pub fn train_step(&mut self, windows: &Windows) -> Result<f64, StepError> {
+        self.check_windows(windows)
+            .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
+        let next_step = self.step + 1;
+        let t0 = Instant::now();
+        let input = windows.to_tensor(&self.model)?;
+        let loss = self.model.loss(&input)?;
+        let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let t1 = Instant::now();
+        if !loss_value.is_finite() {
+            return Err(StepError::Diverged {
+                step: next_step,
+                what: format!("loss is {loss_value}"),
+            });
+        }
+        let grads = loss.backward()?;
+        drop(loss);
+        let t2 = Instant::now();
+        let lr = self.lr;
+        let stats = match self
+            .optim
+            .update(self.model.params(), &grads, lr, is_decayed)
+        {
+            Ok(s) => s,
+            Err(UpdateError::NonFinite(n)) => {
+                return Err(StepError::Diverged {
+                    step: next_step,
+                    what: format!("gradient norm is {n}"),
+                })
+            }
+            Err(UpdateError::Candle(e)) => return Err(StepError::Failed(e)),
+        };
+        let t3 = Instant::now();
+        self.step = next_step;
+        self.tokens_seen += (windows.batch * (windows.width - 1)) as u64;
+        self.last_loss = Some(loss_value);
+        self.last_grad_norm = Some(stats.grad_norm);
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        self.last_timing = StepTiming {
+            forward_ms: ms(t0, t1),
+            backward_ms: ms(t1, t2),
+            optim_ms: ms(t2, t3),
+        };
+        Ok(loss_value)
+    }
+
+    /// Mean loss over `batches` with no graph built and no state changed.
+    pub fn eval_loss(&self, windows: &Windows) -> candle_core::Result<f64> {
+        self.model.no_grad(|| {
+            let input = windows.to_tensor(&self.model)?;
+            self.model
+                .loss(&input)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()
+        })
+    }
+}
