@@ -2,7 +2,7 @@
 -- wick run scripts/tiny.lua [-- --steps N]
 local schedule = require("wick.schedule")
 
-local steps = 300
+local steps = 250
 for i, a in ipairs(wick.args) do
   if a == "--steps" then steps = tonumber(wick.args[i + 1]) or error("--steps needs a number") end
 end
@@ -25,5 +25,5 @@ for step in session:steps(steps) do
     wick.log{ val_loss = session:eval(val, 4) }
   end
 end
-print(model:generate("ROMEO:", { max_tokens = 300, temperature = 0.8, top_k = 40 }))
+print(model:generate("ROMEO:", { max_tokens = 200, temperature = 0.8, top_k = 40 }))
 -- no save call: the host writes checkpoints/full_model.ckpt however this script ends

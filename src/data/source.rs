@@ -71,6 +71,9 @@ pub struct StreamCursor {
     pub token: usize,
 }
 
+/// Prefix of a reader error that must stop the run even when bad files are skipped.
+pub const FATAL: &str = "\u{0}fatal:";
+
 /// Records of text files are blocks of whole lines of about this many bytes.
 const TEXT_RECORD_BYTES: usize = 64 * 1024;
 
@@ -366,7 +369,7 @@ impl RecordReader {
         let msg = format!("{}:{line_no}: {why}", self.path);
         if self.on_bad_row == OnBad::Error {
             return Err(format!(
-                "bad row at {msg} (on_bad_row = \"error\"; use \"skip\" to skip such rows)"
+                "{FATAL}bad row at {msg} (on_bad_row = \"error\"; use \"skip\" to skip such rows)"
             ));
         }
         let mut st = self.stats_mut();

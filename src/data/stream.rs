@@ -2,7 +2,7 @@
 //! Its cursor names the exact next token, so a copy built from a saved cursor continues
 //! bit-identically.
 
-use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor};
+use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL};
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use crate::rng::Rng;
@@ -142,6 +142,9 @@ impl TokenStream {
 
     /// An unreadable or corrupt file: an error, or skipped and reported with on_bad_file = "skip".
     fn bad_file(&mut self, err: String) -> Result<(), String> {
+        if let Some(fatal) = err.strip_prefix(FATAL) {
+            return Err(fatal.to_string());
+        }
         if self.spec.on_bad_file == OnBad::Error {
             return Err(format!(
                 "{err} (set on_bad_file = \"skip\" to skip such files)"

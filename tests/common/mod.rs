@@ -1,0 +1,184 @@
+//! Helpers for tests that drive the real `wick` binary: temp dirs, recipes, data, signals, and
+//! reading checkpoints back with the plain `safetensors` crate.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn wick_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wick")
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub struct Dir {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Dir {
+    pub fn new() -> Dir {
+        Dir {
+            tmp: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.join(name);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+    pub fn write_bytes(&self, name: &str, content: &[u8]) -> PathBuf {
+        let p = self.join(name);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+    pub fn ckpt(&self) -> PathBuf {
+        self.join("ckpt/full_model.ckpt")
+    }
+    /// A command running `wick run RECIPE --ckpt-dir <dir>/ckpt` inside the temp dir.
+    pub fn run_cmd(&self, recipe: &str, extra: &[&str]) -> Command {
+        let mut c = Command::new(wick_bin());
+        c.current_dir(self.path())
+            .arg("run")
+            .arg(recipe)
+            .arg("--ckpt-dir")
+            .arg(self.join("ckpt"))
+            .args(extra)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null());
+        c
+    }
+    pub fn run(&self, recipe: &str, extra: &[&str]) -> Output {
+        self.run_cmd(recipe, extra).output().expect("run wick")
+    }
+    /// A small text corpus in a jsonl file (enough for a few hundred tiny batches).
+    pub fn corpus(&self, name: &str, docs: usize) -> PathBuf {
+        let mut s = String::new();
+        for i in 0..docs {
+            let text = format!(
+                "Document {i}. The quick brown fox jumps over the lazy dog; all work and no play makes jack a dull boy. {}\n",
+                "abcdefghij".repeat(i % 7 + 1)
+            );
+            s.push_str(
+                &serde_json::json!({"text": text, "meta": {"redpajama_set_name": "RedPajamaBook"}})
+                    .to_string(),
+            );
+            s.push('\n');
+        }
+        self.write(name, &s)
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A recipe header that builds a very small model, session and loader on `data`.
+pub fn tiny_setup(data: &str, lr: f64) -> String {
+    format!(
+        r#"
+local model = wick.model{{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }}
+local session = wick.session{{ model = model, optim = wick.optim.adamw{{ lr = {lr} }} }}
+local train = wick.data.loader{{ source = wick.data.jsonl{{ "{data}" }}, batch = 2, seq_len = 16 }}
+"#
+    )
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// Checkpoint metadata, via the plain safetensors crate (as any reader would see it).
+pub fn ckpt_meta(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).expect("safetensors header");
+    let m = md.metadata().as_ref().expect("metadata");
+    serde_json::from_str(m.get("wick").expect("wick metadata")).unwrap()
+}
+
+/// All tensors of a checkpoint as raw bytes, by name.
+pub fn ckpt_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect()
+}
+
+pub fn wait_for_line(child: &mut Child, path: &Path, needle: &str, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if s.contains(needle) {
+                return true;
+            }
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+pub fn send(child: &Child, sig: i32) {
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// Spawn with stderr to a file (readable while the process runs).
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
+    let f = std::fs::File::create(log).unwrap();
+    cmd.stderr(Stdio::from(f)).stdout(Stdio::null());
+    cmd.spawn().expect("spawn wick")
+}
+
+pub fn zstd_compress(data: &[u8]) -> Vec<u8> {
+    zstd::encode_all(data, 3).unwrap()
+}
+
+pub fn append(path: &Path, s: &str) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(s.as_bytes()).unwrap();
+}
+
+/// `wick inspect` exit code and output.
+pub fn inspect(path: &Path) -> Output {
+    Command::new(wick_bin())
+        .arg("inspect")
+        .arg(path)
+        .output()
+        .unwrap()
+}
