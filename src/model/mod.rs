@@ -33,6 +33,11 @@ impl Llama {
     /// norms at 1. Each parameter draws from its own stream derived from (seed, name), so the
     /// weights do not depend on the order parameters are created in.
     pub fn new(config: ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::new_with_dtype(config, seed, device, DType::F32)
+    }
+
+    /// As `new`, with parameters in `dtype` (f64 for gradient checks).
+    pub fn new_with_dtype(config: ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
         config.validate().map_err(candle_core::Error::msg)?;
         let mut params = BTreeMap::new();
         for (name, shape) in Self::param_shapes(&config) {
@@ -48,10 +53,11 @@ impl Llama {
                 let mut rng = Rng::derive(seed, &name);
                 (0..numel).map(|_| (rng.normal() * std) as f32).collect()
             };
-            let t = Tensor::from_vec(data, shape, device)?;
+            let t = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;
             params.insert(name, Var::from_tensor(&t)?);
         }
         let (cos, sin) = rope_tables(&config, device)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         Ok(Llama {
             config,
             params,
@@ -160,7 +166,7 @@ impl Llama {
             .reshape((b, t, c.dim))?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
-        let mask = causal_mask(t, &self.device)?;
+        let mask = causal_mask(t, &self.device)?.to_dtype(self.cos.dtype())?;
         for i in 0..c.n_layers {
             let p = format!("layers.{i}");
             let h = rms_norm(
@@ -327,4 +333,121 @@ pub fn params_to_cpu(model: &Llama) -> Result<BTreeMap<String, Tensor>> {
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::{AdamW, AdamWConfig, Session, Windows};
+    use std::sync::Arc;
+
+    fn small() -> ModelConfig {
+        ModelConfig {
+            dim: 16,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            hidden_dim: 32,
+            vocab: 11,
+            seq_len: 8,
+            tie_embeddings: false,
+            norm_eps: 1e-5,
+            rope_theta: 10000.0,
+        }
+    }
+
+    fn batch(vocab: u32, b: usize, t: usize, salt: u32) -> Vec<u32> {
+        (0..b * t).map(|i| (i as u32 * 7 + salt * 3 + i as u32 / 5) % vocab).collect()
+    }
+
+    #[test]
+    fn every_parameter_gets_a_nonzero_gradient() {
+        for tie in [false, true] {
+            let mut c = small();
+            c.tie_embeddings = tie;
+            let m = Llama::new(c.clone(), 1, &Device::Cpu).unwrap();
+            let w = Tensor::from_vec(batch(11, 2, 9, 0), (2, 9), &Device::Cpu).unwrap();
+            let grads = m.loss(&w).unwrap().backward().unwrap();
+            for (name, var) in m.params() {
+                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(norm > 0.0, "zero gradient for {name} (tied={tie})");
+            }
+            assert_eq!(m.param_count(), c.param_count());
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_in_f64() {
+        let m = Llama::new_with_dtype(small(), 3, &Device::Cpu, DType::F64).unwrap();
+        let w = Tensor::from_vec(batch(11, 2, 9, 1), (2, 9), &Device::Cpu).unwrap();
+        let grads = m.loss(&w).unwrap().backward().unwrap();
+        let eps = 1e-6;
+        let mut checked = 0;
+        for (name, var) in m.params() {
+            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let orig: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            // A few entries of every parameter.
+            for k in [0, orig.len() / 2, orig.len() - 1] {
+                let loss_at = |delta: f64| {
+                    let mut v = orig.clone();
+                    v[k] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    m.loss(&w).unwrap().to_scalar::<f64>().unwrap()
+                };
+                let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+                var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                let err = (numeric - g[k]).abs() / (numeric.abs() + g[k].abs()).max(1e-8);
+                assert!(err < 1e-4 || (numeric - g[k]).abs() < 1e-9, "{name}[{k}]: analytic {} numeric {numeric}", g[k]);
+                checked += 1;
+            }
+        }
+        assert!(checked > 30);
+    }
+
+    #[test]
+    fn overfitting_one_batch_drives_loss_near_zero() {
+        let m = Arc::new(Llama::new(small(), 5, &Device::Cpu).unwrap());
+        let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..AdamWConfig::default() };
+        let mut s = Session::new(m, AdamW::new(cfg));
+        let w = Windows { tokens: batch(11, 4, 9, 2), batch: 4, width: 9 };
+        let first = s.train_step(&w).ok().unwrap();
+        let mut last = first;
+        for _ in 0..300 {
+            last = s.train_step(&w).ok().unwrap();
+        }
+        assert!(first > 2.0, "starts near ln(11): {first}");
+        assert!(last < 0.05, "overfits one batch: {last}");
+    }
+
+    #[test]
+    fn same_seed_gives_bit_identical_weights_and_losses() {
+        let run = |seed| {
+            let m = Arc::new(Llama::new(small(), seed, &Device::Cpu).unwrap());
+            let mut s = Session::new(m.clone(), AdamW::new(AdamWConfig::default()));
+            let losses: Vec<u64> = (0..5)
+                .map(|i| {
+                    let w = Windows { tokens: batch(11, 2, 9, i), batch: 2, width: 9 };
+                    s.train_step(&w).ok().unwrap().to_bits()
+                })
+                .collect();
+            let weights: Vec<f32> = m.params()["layers.1.attention.wq.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            (losses, weights.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7).1, run(8).1);
+    }
+
+    #[test]
+    fn init_follows_the_recipe() {
+        let m = Llama::new(small(), 1, &Device::Cpu).unwrap();
+        let std_of = |name: &str| {
+            let v: Vec<f32> = m.params()[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        assert!((std_of("tok_embeddings.weight") - 0.02).abs() < 0.004);
+        let resid = 0.02 / (4.0f64).sqrt();
+        assert!((std_of("layers.0.feed_forward.w2.weight") - resid).abs() < 0.003);
+        assert_eq!(std_of("norm.weight"), 1.0);
+    }
 }
