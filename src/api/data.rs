@@ -3,7 +3,7 @@
 use super::opts::{table_arg, Opts};
 use super::{check_stop, context, lock};
 use crate::data::source::{discover, is_data_file};
-use crate::data::{Loader, LoaderSpec, NextError, OnBad, SourceSpec, Tokenizer};
+use crate::data::{Loader, LoaderCursor, LoaderSpec, NextError, OnBad, SourceSpec, Tokenizer};
 use crate::host::signals::{self, Interrupted};
 use crate::host::Refused;
 use crate::train::Windows;
@@ -130,7 +130,7 @@ impl UserData for LoaderHandle {
                 .map_err(|_| mlua::Error::runtime("loader is unusable"))?;
             Ok(format!(
                 "wick.data.loader({}: batch {}, seq_len {}, {} batches taken)",
-                l.spec.name, l.spec.batch, l.spec.seq_len, l.consumed.batches
+                l.spec.name, l.spec.batch, l.spec.seq_len, l.fetched.batches
             ))
         });
     }
@@ -143,24 +143,42 @@ fn next_batch(loader: &LoaderHandle) -> mlua::Result<BatchHandle> {
         .lock()
         .map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
     match l.next(&signals::stop_requested) {
-        Ok(w) => Ok(BatchHandle(Arc::new(w))),
+        Ok((w, cursor)) => Ok(BatchHandle {
+            windows: Arc::new(w),
+            source: Some((loader.0.clone(), cursor)),
+        }),
         Err(NextError::Interrupted) => Err(mlua::Error::external(Interrupted)),
         Err(NextError::Data(m)) => Err(mlua::Error::runtime(m)),
     }
 }
 
-/// A batch of token windows (batch, seq_len+1); Lua sees its shape, not its tokens.
+/// A batch of token windows (batch, seq_len+1); Lua sees its shape, not its tokens. It keeps
+/// its loader and the cursor after it, committed when a step trains on it.
 #[derive(Clone)]
-pub struct BatchHandle(pub Arc<Windows>);
+pub struct BatchHandle {
+    pub windows: Arc<Windows>,
+    pub source: Option<(Arc<Mutex<Loader>>, LoaderCursor)>,
+}
+
+impl BatchHandle {
+    /// The step trained on this batch: its loader's checkpointed position moves past it.
+    pub fn commit(&self) {
+        if let Some((loader, cursor)) = &self.source {
+            if let Ok(mut l) = loader.lock() {
+                l.committed = cursor.clone();
+            }
+        }
+    }
+}
 
 impl UserData for BatchHandle {
     fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("size", |_, this| Ok(this.0.batch));
-        fields.add_field_method_get("seq_len", |_, this| Ok(this.0.width - 1));
+        fields.add_field_method_get("size", |_, this| Ok(this.windows.batch));
+        fields.add_field_method_get("seq_len", |_, this| Ok(this.windows.width - 1));
     }
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("tokens", |_, this, row: Option<usize>| {
-            let w = &this.0;
+            let w = &this.windows;
             let r = row.unwrap_or(1);
             if r == 0 || r > w.batch {
                 return Err(mlua::Error::runtime(format!(
@@ -173,8 +191,8 @@ impl UserData for BatchHandle {
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
             Ok(format!(
                 "wick.batch({} x {} tokens)",
-                this.0.batch,
-                this.0.width - 1
+                this.windows.batch,
+                this.windows.width - 1
             ))
         });
     }

@@ -183,7 +183,10 @@ fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64
     let batch = batch
         .borrow::<BatchHandle>()
         .map_err(|_| mlua::Error::runtime("session:step expects a batch from loader:next()"))?;
-    let result = this.lock()?.train_step(&batch.0);
+    let result = this.lock()?.train_step(&batch.windows);
+    if result.is_ok() {
+        batch.commit();
+    }
     let ctx = context(lua)?;
     match result {
         Ok(loss) => {

@@ -1,7 +1,7 @@
 //! The loader: packs token windows of (batch, seq_len+1) from a weighted mixture of streams on a
-//! background thread, a few batches ahead. Each batch travels with the cursor *after* it, and
-//! the loader remembers the cursor of the last batch handed out: that, not how far the thread
-//! has read ahead, is what a checkpoint saves.
+//! background thread, a few batches ahead. Each batch travels with the cursor *after* it. When a
+//! training step uses a batch, its cursor is committed: that — not how far the thread has read
+//! ahead, nor a batch fetched but never trained on — is what a checkpoint saves.
 
 use super::source::{SourceSpec, StreamCursor};
 use super::stream::{pick_weighted, TokenStream};
@@ -47,8 +47,10 @@ pub struct Loader {
     pub spec: LoaderSpec,
     pub tokenizer: Arc<Tokenizer>,
     pub stats: Arc<Mutex<DataStats>>,
-    /// Cursor after the last batch handed out.
-    pub consumed: LoaderCursor,
+    /// Cursor after the last batch handed out (where a restarted thread continues).
+    pub fetched: LoaderCursor,
+    /// Cursor after the last batch a training step used (what a checkpoint saves).
+    pub committed: LoaderCursor,
     rx: Option<Receiver<Produced>>,
     failed: Option<String>,
     /// The first batches from the start, kept for repeatable evaluation.
@@ -120,12 +122,13 @@ impl Loader {
         tokenizer: Arc<Tokenizer>,
         cursor: Option<LoaderCursor>,
     ) -> Loader {
-        let consumed = cursor.unwrap_or_else(|| LoaderCursor::start(&spec));
+        let start = cursor.unwrap_or_else(|| LoaderCursor::start(&spec));
         let mut loader = Loader {
             spec,
             tokenizer,
             stats: Arc::new(Mutex::new(DataStats::default())),
-            consumed,
+            fetched: start.clone(),
+            committed: start,
             rx: None,
             failed: None,
             eval_cache: Vec::new(),
@@ -135,13 +138,13 @@ impl Loader {
         loader
     }
 
-    /// (Re)start the background thread from the consumed cursor.
+    /// (Re)start the background thread from the fetched cursor.
     fn restart(&mut self) {
         let (tx, rx) = sync_channel::<Produced>(self.spec.prefetch.max(1));
         let mut producer = Producer::new(
             &self.spec,
             &self.tokenizer,
-            self.consumed.clone(),
+            self.fetched.clone(),
             &self.stats,
         );
         let name = format!("wick-data-{}", self.spec.name);
@@ -161,7 +164,10 @@ impl Loader {
 
     /// The next batch. Waits for the background thread, polling `should_stop` so a Ctrl+C
     /// is not held up by slow data.
-    pub fn next(&mut self, should_stop: &dyn Fn() -> bool) -> Result<Windows, NextError> {
+    pub fn next(
+        &mut self,
+        should_stop: &dyn Fn() -> bool,
+    ) -> Result<(Windows, LoaderCursor), NextError> {
         if let Some(e) = &self.failed {
             return Err(NextError::Data(e.clone()));
         }
@@ -176,9 +182,9 @@ impl Loader {
             }
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(Ok((w, cursor))) => {
-                    self.consumed = cursor;
+                    self.fetched = cursor.clone();
                     self.wait_ms_total += t0.elapsed().as_secs_f64() * 1e3;
-                    return Ok(w);
+                    return Ok((w, cursor));
                 }
                 Ok(Err(e)) => {
                     self.failed = Some(e.clone());

@@ -64,7 +64,7 @@ pub fn snapshot(
         loaders.insert(
             name.clone(),
             SavedLoader {
-                cursor: l.consumed.clone(),
+                cursor: l.committed.clone(),
                 tokenizer: l.tokenizer.identity(),
                 batch: l.spec.batch,
                 seq_len: l.spec.seq_len,

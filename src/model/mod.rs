@@ -37,7 +37,12 @@ impl Llama {
     }
 
     /// As `new`, with parameters in `dtype` (f64 for gradient checks).
-    pub fn new_with_dtype(config: ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn new_with_dtype(
+        config: ModelConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         config.validate().map_err(candle_core::Error::msg)?;
         let mut params = BTreeMap::new();
         for (name, shape) in Self::param_shapes(&config) {
@@ -357,7 +362,9 @@ mod tests {
     }
 
     fn batch(vocab: u32, b: usize, t: usize, salt: u32) -> Vec<u32> {
-        (0..b * t).map(|i| (i as u32 * 7 + salt * 3 + i as u32 / 5) % vocab).collect()
+        (0..b * t)
+            .map(|i| (i as u32 * 7 + salt * 3 + i as u32 / 5) % vocab)
+            .collect()
     }
 
     #[test]
@@ -369,8 +376,16 @@ mod tests {
             let w = Tensor::from_vec(batch(11, 2, 9, 0), (2, 9), &Device::Cpu).unwrap();
             let grads = m.loss(&w).unwrap().backward().unwrap();
             for (name, var) in m.params() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {name}"));
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(norm > 0.0, "zero gradient for {name} (tied={tie})");
             }
             assert_eq!(m.param_count(), c.param_count());
@@ -385,20 +400,32 @@ mod tests {
         let eps = 1e-6;
         let mut checked = 0;
         for (name, var) in m.params() {
-            let g: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let g: Vec<f64> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let orig: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             // A few entries of every parameter.
             for k in [0, orig.len() / 2, orig.len() - 1] {
                 let loss_at = |delta: f64| {
                     let mut v = orig.clone();
                     v[k] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
                     m.loss(&w).unwrap().to_scalar::<f64>().unwrap()
                 };
                 let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
-                var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 let err = (numeric - g[k]).abs() / (numeric.abs() + g[k].abs()).max(1e-8);
-                assert!(err < 1e-4 || (numeric - g[k]).abs() < 1e-9, "{name}[{k}]: analytic {} numeric {numeric}", g[k]);
+                assert!(
+                    err < 1e-4 || (numeric - g[k]).abs() < 1e-9,
+                    "{name}[{k}]: analytic {} numeric {numeric}",
+                    g[k]
+                );
                 checked += 1;
             }
         }
@@ -408,9 +435,17 @@ mod tests {
     #[test]
     fn overfitting_one_batch_drives_loss_near_zero() {
         let m = Arc::new(Llama::new(small(), 5, &Device::Cpu).unwrap());
-        let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..AdamWConfig::default() };
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        };
         let mut s = Session::new(m, AdamW::new(cfg));
-        let w = Windows { tokens: batch(11, 4, 9, 2), batch: 4, width: 9 };
+        let w = Windows {
+            tokens: batch(11, 4, 9, 2),
+            batch: 4,
+            width: 9,
+        };
         let first = s.train_step(&w).ok().unwrap();
         let mut last = first;
         for _ in 0..300 {
@@ -427,12 +462,24 @@ mod tests {
             let mut s = Session::new(m.clone(), AdamW::new(AdamWConfig::default()));
             let losses: Vec<u64> = (0..5)
                 .map(|i| {
-                    let w = Windows { tokens: batch(11, 2, 9, i), batch: 2, width: 9 };
+                    let w = Windows {
+                        tokens: batch(11, 2, 9, i),
+                        batch: 2,
+                        width: 9,
+                    };
                     s.train_step(&w).ok().unwrap().to_bits()
                 })
                 .collect();
-            let weights: Vec<f32> = m.params()["layers.1.attention.wq.weight"].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            (losses, weights.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            let weights: Vec<f32> = m.params()["layers.1.attention.wq.weight"]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (
+                losses,
+                weights.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            )
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7).1, run(8).1);
@@ -442,7 +489,12 @@ mod tests {
     fn init_follows_the_recipe() {
         let m = Llama::new(small(), 1, &Device::Cpu).unwrap();
         let std_of = |name: &str| {
-            let v: Vec<f32> = m.params()[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f32> = m.params()[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt()
         };
         assert!((std_of("tok_embeddings.weight") - 0.02).abs() < 0.004);
