@@ -10,6 +10,7 @@ mod api;
 mod ckpt;
 mod cli;
 mod data;
+mod export;
 mod host;
 mod model;
 mod progress;
@@ -67,6 +68,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export a checkpoint's model for other tools.
+    Export {
+        ckpt: PathBuf,
+        /// Write a Hugging Face Llama directory (config.json + model.safetensors).
+        #[arg(long, value_name = "DIR")]
+        hf: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +93,13 @@ fn main() -> ExitCode {
             args,
         } => cli::run(&recipe, &common, resume, strict, args),
         Command::Inspect { ckpt, json } => cli::inspect(&ckpt, json),
+        Command::Export { ckpt, hf } => match export::export_hf(&ckpt, &hf) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }

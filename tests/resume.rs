@@ -371,3 +371,44 @@ fn stops_at_random_instants_then_resume_are_bit_identical() {
         assert_same(&d, &reference, &format!("run {i} delay {delay}ms"));
     }
 }
+
+#[test]
+fn export_hf_writes_llama_names_and_config() {
+    let d = setup();
+    assert_eq!(code(&d.run("r.lua", &["--", "--sigint-at", "3"])), 130);
+    let out = d.join("hf");
+    let o = std::process::Command::new(wick_bin())
+        .arg("export")
+        .arg(d.ckpt())
+        .arg("--hf")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["hidden_size"], 16);
+    assert_eq!(cfg["num_hidden_layers"], 2);
+    let t = ckpt_tensors(&out.join("model.safetensors"));
+    let src = ckpt_tensors(&d.ckpt());
+    assert_eq!(
+        t["model.layers.1.self_attn.q_proj.weight"],
+        src["model.layers.1.attention.wq.weight"]
+    );
+    assert_eq!(t["lm_head.weight"], src["model.output.weight"]);
+    assert_eq!(
+        t.len(),
+        src.keys().filter(|k| k.starts_with("model.")).count()
+    );
+    // wick.load reads the weights back: logits are finite and shaped (positions, vocab).
+    d.write(
+        "l.lua",
+        &format!(
+            "local m = wick.load('{}')\nlocal r = m:logits('abc')\nprint(#r, #r[1])\n",
+            d.ckpt().display()
+        ),
+    );
+    let o = d.run("l.lua", &[]);
+    assert_eq!(stdout(&o).trim(), "3\t257", "{}", stderr(&o));
+}

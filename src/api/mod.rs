@@ -77,6 +77,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     wick.set("log", lua.create_function(log)?)?;
     wick.set("save", lua.create_function(save)?)?;
     wick.set("model", lua.create_function(model::create)?)?;
+    wick.set("load", lua.create_function(model::load)?)?;
     wick.set("session", lua.create_function(session::create)?)?;
     let optim = lua.create_table()?;
     optim.set("adamw", lua.create_function(session::adamw)?)?;

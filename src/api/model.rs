@@ -135,6 +135,46 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
     })
 }
 
+/// `wick.load(path [, {tokenizer = tok}])`: a model with the weights of a checkpoint.
+pub fn load(lua: &Lua, (path, options): (String, Option<Value>)) -> mlua::Result<ModelHandle> {
+    check_stop()?;
+    let mut tokenizer = Arc::new(Tokenizer::Bytes);
+    if let Some(options) = options.filter(|v| !v.is_nil()) {
+        let o = Opts::new(
+            "wick.load",
+            table_arg("wick.load", options)?,
+            &["tokenizer"],
+            false,
+        )?;
+        if let Value::UserData(ud) = o.value("tokenizer")? {
+            tokenizer = ud
+                .borrow::<super::data::TokenizerHandle>()
+                .map(|t| t.0.clone())
+                .map_err(|_| {
+                    mlua::Error::runtime("option 'tokenizer' of wick.load must be a tokenizer")
+                })?;
+        }
+    }
+    let ckpt = crate::ckpt::load(std::path::Path::new(&path)).map_err(mlua::Error::runtime)?;
+    let device = lock(&context(lua)?).opts.device.clone();
+    let model = Llama::new(ckpt.meta.model.clone(), 0, &device)
+        .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+    model
+        .load_params(&ckpt.group("model."))
+        .map_err(|e| mlua::Error::runtime(format!("{path}: {e}")))?;
+    if model.config.vocab != tokenizer.vocab_size() {
+        return Err(mlua::Error::runtime(format!(
+            "wick.load: the checkpoint's vocab is {} but the tokenizer has {} tokens; pass {{tokenizer = wick.tokenizer.load(...)}}",
+            model.config.vocab,
+            tokenizer.vocab_size()
+        )));
+    }
+    Ok(ModelHandle {
+        model: Arc::new(model),
+        tokenizer,
+    })
+}
+
 const GENERATE_KEYS: &[&str] = &["max_tokens", "temperature", "top_k", "seed"];
 
 impl UserData for ModelHandle {
@@ -147,6 +187,45 @@ impl UserData for ModelHandle {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("param_count", |_, this, ()| Ok(this.model.param_count()));
+        // Logits for a sequence: a string (tokenized) or a list of token ids; rows per position.
+        methods.add_method("logits", |_, this, input: Value| {
+            check_stop()?;
+            let ids: Vec<u32> = match input {
+                Value::String(s) => this
+                    .tokenizer
+                    .encode(&s.to_str()?)
+                    .map_err(mlua::Error::runtime)?,
+                Value::Table(t) => t.sequence_values::<u32>().collect::<mlua::Result<_>>()?,
+                _ => {
+                    return Err(mlua::Error::runtime(
+                        "model:logits expects a string or a list of token ids",
+                    ))
+                }
+            };
+            if ids.is_empty() || ids.len() > this.model.config.seq_len {
+                return Err(mlua::Error::runtime(format!(
+                    "model:logits needs 1..{} tokens",
+                    this.model.config.seq_len
+                )));
+            }
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= this.model.config.vocab) {
+                return Err(mlua::Error::runtime(format!(
+                    "token {bad} is outside the model's vocabulary"
+                )));
+            }
+            let rows = this
+                .model
+                .no_grad(|| -> candle_core::Result<Vec<Vec<f32>>> {
+                    let x = candle_core::Tensor::new(ids.as_slice(), this.model.device())?
+                        .unsqueeze(0)?;
+                    this.model
+                        .forward(&x)?
+                        .squeeze(0)?
+                        .to_dtype(candle_core::DType::F32)?
+                        .to_vec2()
+                });
+            rows.map_err(|e| mlua::Error::runtime(format!("model:logits: {e}")))
+        });
         methods.add_method(
             "generate",
             |lua, this, (prompt, options): (Option<String>, Option<Value>)| {

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Check `wick export --hf` against Hugging Face transformers.
+
+Exports CKPT, loads it with transformers.LlamaForCausalLM, and compares its logits with wick's
+own (`model:logits` through `wick run`) on the same tokens. Passes when the max abs difference
+is below 1e-4.
+
+    python scripts/check_hf_export.py [CKPT] [--wick target/release/wick]
+
+Needs torch and transformers (see ../shared/bench/README.md for a venv); wick's own tests don't.
+"""
+import argparse, json, os, subprocess, sys, tempfile
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt", nargs="?", default="checkpoints/full_model.ckpt")
+    ap.add_argument("--wick", default="target/release/wick")
+    ap.add_argument("--text", default="ROMEO: But soft, what light through yonder window breaks?")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "hf")
+        subprocess.run([args.wick, "export", args.ckpt, "--hf", out], check=True)
+        recipe = os.path.join(tmp, "logits.lua")
+        with open(recipe, "w") as f:
+            f.write(
+                "local m = wick.load(wick.args[1])\n"
+                "local ids = {}\n"
+                "for i = 1, math.min(#wick.args[2], m.seq_len) do ids[i] = wick.args[2]:byte(i) end\n"
+                "local rows = m:logits(ids)\n"
+                "local parts = {}\n"
+                "for i, r in ipairs(rows) do parts[i] = '[' .. table.concat(r, ',') .. ']' end\n"
+                "print(string.format('{\"ids\": [%s], \"logits\": [%s]}', table.concat(ids, ','), table.concat(parts, ',')))\n"
+            )
+        res = subprocess.run(
+            [args.wick, "run", recipe, "--ckpt-dir", os.path.join(tmp, "ck"), "--", args.ckpt, args.text],
+            check=True, capture_output=True, text=True,
+        )
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        model = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+        model.eval()
+        with torch.no_grad():
+            ids = torch.tensor([got["ids"]], dtype=torch.long)
+            ref = model(ids).logits[0]
+        mine = torch.tensor(got["logits"], dtype=torch.float32)
+        diff = (ref - mine).abs().max().item()
+        print(f"tokens {len(got['ids'])}, vocab {ref.shape[-1]}, max abs diff of logits {diff:.3e}")
+        if diff >= 1e-4:
+            print("FAIL: exported model disagrees with wick", file=sys.stderr)
+            sys.exit(1)
+        print("OK: transformers.LlamaForCausalLM reproduces wick's logits")
+
+
+if __name__ == "__main__":
+    main()
