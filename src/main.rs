@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod api;
+mod bench;
 mod ckpt;
 mod cli;
 mod data;
@@ -68,12 +69,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks that print numbers (one JSON line each).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Export a checkpoint's model for other tools.
     Export {
         ckpt: PathBuf,
         /// Write a Hugging Face Llama directory (config.json + model.safetensors).
         #[arg(long, value_name = "DIR")]
         hf: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training throughput on synthetic tokens (configs of shared/bench: tiny, small-bytes, small).
+    Train {
+        /// Configs to run, comma-separated.
+        #[arg(long, default_value = "tiny,small-bytes,small")]
+        configs: String,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+    },
+    /// Checkpoint write speed against a plain write + fsync of the same bytes.
+    Ckpt {
+        #[arg(long, default_value = "checkpoints")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        mb: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
     },
 }
 
@@ -93,6 +124,31 @@ fn main() -> ExitCode {
             args,
         } => cli::run(&recipe, &common, resume, strict, args),
         Command::Inspect { ckpt, json } => cli::inspect(&ckpt, json),
+        Command::Bench { what } => {
+            let results: Vec<Result<serde_json::Value, String>> = match what {
+                BenchCommand::Train {
+                    configs,
+                    steps,
+                    warmup,
+                    batch,
+                } => configs
+                    .split(',')
+                    .map(|c| bench::train(c.trim(), steps, warmup, batch))
+                    .collect(),
+                BenchCommand::Ckpt { dir, mb, reps } => vec![bench::ckpt(&dir, mb, reps)],
+            };
+            let mut code = 0;
+            for r in results {
+                match r {
+                    Ok(v) => println!("{v}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        code = 2;
+                    }
+                }
+            }
+            code
+        }
         Command::Export { ckpt, hf } => match export::export_hf(&ckpt, &hf) {
             Ok(()) => 0,
             Err(e) => {

@@ -430,3 +430,80 @@ fn save_every_writes_periodic_checkpoints() {
     assert_eq!(m["reason"], "periodic");
     assert!(m["step"].as_u64().unwrap() % 4 == 0 && m["step"].as_u64().unwrap() >= 8);
 }
+
+#[test]
+fn second_ctrl_c_is_acknowledged_third_aborts_and_keeps_previous_checkpoint() {
+    let d = Dir::new();
+    d.corpus("data.jsonl", 50);
+    let r = r#"
+local model = wick.model{ dim = 768, n_layers = 3, n_heads = 12, seq_len = 8 }
+local session = wick.session{ model = model }
+local train = wick.data.loader{ source = wick.data.jsonl{ 'data.jsonl' }, batch = 1, seq_len = 8 }
+session:step(train:next())
+print('ready')
+while true do end
+"#;
+    d.write("r.lua", r);
+    // A previous good checkpoint.
+    let out = d.join("out.log");
+    let log = d.join("err.log");
+    let mut child = spawn_logged(
+        {
+            let mut c = d.run_cmd("r.lua", &[]);
+            c.stdout(std::fs::File::create(&out).unwrap());
+            c
+        },
+        &log,
+    );
+    assert!(wait_for_line(
+        &mut child,
+        &out,
+        "ready",
+        Duration::from_secs(120)
+    ));
+    send(&child, libc::SIGINT);
+    assert_eq!(
+        wait_timeout(&mut child, Duration::from_secs(120))
+            .unwrap()
+            .code(),
+        Some(130)
+    );
+    let before = std::fs::read(d.ckpt()).unwrap();
+
+    let mut c = d.run_cmd("r.lua", &[]);
+    c.stdout(std::fs::File::create(&out).unwrap());
+    let mut child = spawn_logged(c, &log);
+    assert!(wait_for_line(
+        &mut child,
+        &out,
+        "ready",
+        Duration::from_secs(120)
+    ));
+    send(&child, libc::SIGINT);
+    assert!(wait_for_line(
+        &mut child,
+        &log,
+        "stopped by SIGINT",
+        Duration::from_secs(10)
+    ));
+    std::thread::sleep(Duration::from_millis(30));
+    send(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(30));
+    send(&child, libc::SIGINT);
+    let status = wait_timeout(&mut child, Duration::from_secs(60)).unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("saving checkpoint, please wait"),
+        "second is acknowledged: {err}"
+    );
+    assert!(err.contains("aborted"), "third aborts: {err}");
+    assert!(
+        std::fs::read(d.ckpt()).unwrap() == before,
+        "previous checkpoint intact"
+    );
+    assert!(
+        temp_files(&d.join("ckpt")).is_empty(),
+        "temp file removed on abort"
+    );
+}

@@ -7,13 +7,14 @@ pub mod meta;
 pub use meta::CkptMeta;
 
 use candle_core::{Device, Tensor};
-use safetensors::View;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
+
+const CHECKSUM_PLACEHOLDER: &str = "xxh3:0000000000000000";
 
 /// The temp file being written right now, so an abort (third Ctrl+C) can remove it.
 pub static WRITING: Mutex<Option<PathBuf>> = Mutex::new(None);
@@ -104,23 +105,21 @@ pub fn save(
     std::fs::create_dir_all(&dir)
         .map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
 
-    // Tensor bytes first: the checksum goes into the header, which precedes them.
-    let mut datas = Vec::with_capacity(tensors.len());
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    // Bring tensors to the CPU once (a no-op there) and checksum their bytes in place: the
+    // checksum goes into the header, which precedes them. No copies of the weights are made.
+    let mut cpu = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t
             .to_device(&Device::Cpu)
+            .and_then(|t| t.contiguous())
             .map_err(|e| err(format!("tensor {name}: {e}")))?;
-        let bytes = t.data().into_owned();
-        hasher.update(&bytes);
-        datas.push((name.clone(), t.dtype(), t.dims().to_vec(), bytes));
+        cpu.push((name.as_str(), t));
     }
-    meta.checksum = format!("xxh3:{:016x}", hasher.digest());
-
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (name, dtype, shape, bytes) in &datas {
-        let dt = match dtype {
+    for (name, t) in &cpu {
+        let len = with_bytes(t, |b| b.len()).map_err(|e| err(format!("tensor {name}: {e}")))?;
+        let dt = match t.dtype() {
             candle_core::DType::F32 => "F32",
             candle_core::DType::BF16 => "BF16",
             candle_core::DType::F16 => "F16",
@@ -129,11 +128,14 @@ pub fn save(
             other => return Err(err(format!("unsupported dtype {other:?} for {name}"))),
         };
         header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+            name.to_string(),
+            serde_json::json!({"dtype": dt, "shape": t.dims(), "data_offsets": [offset, offset + len]}),
         );
-        offset += bytes.len();
+        offset += len;
     }
+    // The checksum is hashed in the same pass that writes the bytes, then patched into this
+    // fixed-width placeholder: one pass over the weights instead of two.
+    meta.checksum = CHECKSUM_PLACEHOLDER.to_string();
     let meta_json = serde_json::to_string(meta).map_err(|e| err(format!("metadata: {e}")))?;
     header.insert(
         "__metadata__".into(),
@@ -144,6 +146,10 @@ pub fn save(
         header_bytes.push(b' ');
     }
 
+    let placeholder_at = header_bytes
+        .windows(CHECKSUM_PLACEHOLDER.len())
+        .rposition(|w| w == CHECKSUM_PLACEHOLDER.as_bytes())
+        .ok_or_else(|| err("checksum placeholder missing from header".into()))?;
     let tmp = temp_path(path);
     if let Ok(mut w) = WRITING.lock() {
         *w = Some(tmp.clone());
@@ -153,10 +159,19 @@ pub fn save(
         let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
         w.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
         w.write_all(&header_bytes)?;
-        for (_, _, _, bytes) in &datas {
-            w.write_all(bytes)?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for (_, t) in &cpu {
+            with_bytes(t, |b| {
+                hasher.update(b);
+                w.write_all(b)
+            })
+            .map_err(std::io::Error::other)??;
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
+        let mut file = w.into_inner().map_err(|e| e.into_error())?;
+        let sum = format!("xxh3:{:016x}", hasher.digest());
+        file.seek(SeekFrom::Start(8 + placeholder_at as u64))?;
+        file.write_all(sum.as_bytes())?;
+        meta.checksum = sum;
         file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, path)?;
@@ -175,6 +190,27 @@ pub fn save(
             let _ = std::fs::remove_file(&tmp);
             Err(err(e.to_string()))
         }
+    }
+}
+
+/// Run `f` on the raw little-endian bytes of a contiguous CPU tensor, without copying them.
+fn with_bytes<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R, String> {
+    use candle_core::{CpuStorage, Storage};
+    fn bytes_of<T>(v: &[T]) -> &[u8] {
+        // SAFETY: plain numeric types without padding; the byte view lives as long as `v`.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or("tensor is not contiguous")?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(bytes_of(&v[start..end]))),
+        Storage::Cpu(CpuStorage::F64(v)) => Ok(f(bytes_of(&v[start..end]))),
+        Storage::Cpu(CpuStorage::BF16(v)) => Ok(f(bytes_of(&v[start..end]))),
+        Storage::Cpu(CpuStorage::F16(v)) => Ok(f(bytes_of(&v[start..end]))),
+        Storage::Cpu(CpuStorage::U32(v)) => Ok(f(bytes_of(&v[start..end]))),
+        _ => Err("unsupported tensor storage for checkpoints".into()),
     }
 }
 

@@ -161,7 +161,7 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
 /// Spawn with stderr to a file (readable while the process runs).
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
     let f = std::fs::File::create(log).unwrap();
-    cmd.stderr(Stdio::from(f)).stdout(Stdio::null());
+    cmd.stderr(Stdio::from(f));
     cmd.spawn().expect("spawn wick")
 }
 

@@ -1,0 +1,211 @@
+//! `wick bench`: numbers, not assertions. `train` measures training throughput on synthetic
+//! tokens for the reference configs of shared/bench (one JSON line per config); `ckpt` measures
+//! the checkpoint write against a plain sequential write + fsync of the same bytes.
+
+use crate::ckpt::{self, CkptMeta};
+use crate::model::{Llama, ModelConfig};
+use crate::rng::Rng;
+use crate::train::{AdamW, AdamWConfig, Session, Windows};
+use candle_core::{Device, Tensor};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The three configs of shared/bench/README.md (kv heads = heads, untied head, batch 8).
+pub fn config(name: &str) -> Option<ModelConfig> {
+    let mut c = ModelConfig::preset("tiny")?;
+    match name {
+        "tiny" => {
+            c.dim = 64;
+            c.n_layers = 5;
+            c.n_heads = 8;
+            c.n_kv_heads = 8;
+            c.hidden_dim = 192;
+            c.vocab = 512;
+            c.seq_len = 512;
+        }
+        "small-bytes" | "small" => {
+            c.dim = 288;
+            c.n_layers = 6;
+            c.n_heads = 6;
+            c.n_kv_heads = 6;
+            c.hidden_dim = 768;
+            c.vocab = if name == "small" { 32000 } else { 256 };
+            c.seq_len = 256;
+        }
+        _ => return None,
+    }
+    Some(c)
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.to_string())
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Matmul FLOPs of one training step (forward + backward ≈ 3× forward), embedding lookup excluded.
+fn train_flops(c: &ModelConfig, batch: usize) -> f64 {
+    let tokens = (batch * c.seq_len) as f64;
+    let kv = (c.n_kv_heads * c.dim / c.n_heads) as f64;
+    let d = c.dim as f64;
+    let per_layer = 2.0 * (2.0 * d * d + 2.0 * d * kv + 3.0 * d * c.hidden_dim as f64)
+        + 4.0 * c.seq_len as f64 * d;
+    let head = 2.0 * d * c.vocab as f64;
+    3.0 * tokens * (c.n_layers as f64 * per_layer + head)
+}
+
+pub fn train(
+    name: &str,
+    steps: usize,
+    warmup: usize,
+    batch: usize,
+) -> Result<serde_json::Value, String> {
+    let c = config(name)
+        .ok_or_else(|| format!("unknown bench config '{name}'; use tiny, small-bytes or small"))?;
+    let model = Arc::new(Llama::new(c.clone(), 1, &Device::Cpu).map_err(|e| e.to_string())?);
+    let optim = AdamWConfig {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        clip: Some(1.0),
+    };
+    let mut session = Session::new(model, AdamW::new(optim));
+    let mut rng = Rng::new(7);
+    let width = c.seq_len + 1;
+    let (mut step_ms, mut fwd, mut bwd, mut opt, mut data) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        let tokens: Vec<u32> = (0..batch * width)
+            .map(|_| rng.below(c.vocab as u64) as u32)
+            .collect();
+        let windows = Windows {
+            tokens,
+            batch,
+            width,
+        };
+        let data_ms = t0.elapsed().as_secs_f64() * 1e3;
+        session.train_step(&windows).map_err(|e| e.to_string())?;
+        let total = t0.elapsed().as_secs_f64() * 1e3;
+        if i >= warmup {
+            let t = session.last_timing;
+            step_ms.push(total);
+            fwd.push(t.forward_ms);
+            bwd.push(t.backward_ms);
+            opt.push(t.optim_ms);
+            data.push(data_ms);
+        }
+    }
+    let med = median(&mut step_ms);
+    let tokens_per_s = (batch * c.seq_len) as f64 / (med / 1e3);
+    Ok(serde_json::json!({
+        "config": name,
+        "params": c.param_count(),
+        "batch": batch,
+        "seq": c.seq_len,
+        "steps": steps,
+        "tokens_per_s": tokens_per_s.round(),
+        "step_ms_median": (med * 10.0).round() / 10.0,
+        "forward_ms": (median(&mut fwd) * 10.0).round() / 10.0,
+        "backward_ms": (median(&mut bwd) * 10.0).round() / 10.0,
+        "optimizer_ms": (median(&mut opt) * 10.0).round() / 10.0,
+        "data_wait_ms": (median(&mut data) * 100.0).round() / 100.0,
+        "achieved_gflops_excl_emb": (train_flops(&c, batch) / (med / 1e3) / 1e9 * 10.0).round() / 10.0,
+        "peak_rss_mb": peak_rss_mb().round(),
+        "threads": rayon::current_num_threads(),
+    }))
+}
+
+/// Checkpoint write vs plain write + fsync of the same number of bytes, in `dir`.
+pub fn ckpt(dir: &Path, mb: usize, reps: usize) -> Result<serde_json::Value, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let n = mb * (1 << 20) / 4;
+    let chunk = 1 << 20;
+    let mut rng = Rng::new(3);
+    let mut tensors = Vec::new();
+    let mut left = n;
+    let mut i = 0;
+    while left > 0 {
+        let k = left.min(chunk);
+        let v: Vec<f32> = (0..k).map(|_| rng.next_f64() as f32).collect();
+        tensors.push((
+            format!("model.t{i}"),
+            Tensor::from_vec(v, k, &Device::Cpu).map_err(|e| e.to_string())?,
+        ));
+        left -= k;
+        i += 1;
+    }
+    let cfg = ModelConfig::preset("tiny").ok_or("preset")?;
+    let mut meta = CkptMeta {
+        format_version: 1,
+        wick_version: env!("CARGO_PKG_VERSION").into(),
+        reason: "bench".into(),
+        step: 1,
+        tokens_seen: 0,
+        loss: None,
+        lr: 0.0,
+        model: cfg,
+        optim: AdamWConfig::default(),
+        optim_step: 0,
+        seed: 0,
+        run_id: "bench".into(),
+        started_unix: 0.0,
+        saved_unix: 0.0,
+        device: "cpu".into(),
+        loaders: Default::default(),
+        state: serde_json::Value::Null,
+        recipe: None,
+        recipe_hash: None,
+        checksum: String::new(),
+    };
+    let path = dir.join("bench.ckpt");
+    let plain = dir.join("bench.plain");
+    let raw: Vec<u8> = vec![0x5a; n * 4];
+    let (mut wick_s, mut plain_s) = (vec![], vec![]);
+    let mut bytes = 0;
+    for _ in 0..reps {
+        let r = ckpt::save(&path, &mut meta, &tensors).map_err(|e| e.to_string())?;
+        bytes = r.bytes;
+        wick_s.push(r.seconds);
+        let t0 = Instant::now();
+        let mut f = std::fs::File::create(&plain).map_err(|e| e.to_string())?;
+        f.write_all(&raw[..(bytes as usize).min(raw.len())])
+            .map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        plain_s.push(t0.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&plain);
+    let (w, p) = (median(&mut wick_s), median(&mut plain_s));
+    Ok(serde_json::json!({
+        "bytes": bytes,
+        "wick_write_mb_s": (bytes as f64 / w / 1e6).round(),
+        "plain_write_fsync_mb_s": (bytes as f64 / p / 1e6).round(),
+        "ratio": ((p / w) * 100.0).round() / 100.0,
+        "reps": reps,
+    }))
+}
