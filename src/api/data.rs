@@ -123,6 +123,21 @@ impl UserData for LoaderHandle {
     }
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("next", |_, this, ()| next_batch(this));
+        methods.add_method("set", |_, this, options: Value| {
+            check_stop()?;
+            let o = Opts::new("loader:set", table_arg("loader:set", options)?, &["batch", "seq_len", "mix"], false)?;
+            let mut weights = Vec::new();
+            if let Value::Table(t) = o.value("mix")? {
+                for pair in t.pairs::<String, f64>() {
+                    let (name, w) = pair.map_err(|_| mlua::Error::runtime("option 'mix' of loader:set must map source names to weights"))?;
+                    let name = crate::data::slimpajama::canonical_subset(&name).map(str::to_string).unwrap_or(name);
+                    weights.push((name, w));
+                }
+                weights.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            let mut l = this.0.lock().map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
+            l.reconfigure(o.usize("batch")?, o.usize("seq_len")?, &weights).map_err(mlua::Error::runtime)
+        });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
             let l = this
                 .0
@@ -295,6 +310,7 @@ pub fn table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, o: Value| make_source(lua, "wick.data.text", o, OnBad::Skip))?,
     )?;
     t.set("mix", lua.create_function(mix)?)?;
+    t.set("slimpajama", lua.create_function(slimpajama)?)?;
     t.set("loader", lua.create_function(loader)?)?;
     Ok(t)
 }
@@ -470,4 +486,86 @@ fn describe_file_diff(
         }
     }
     format!("source {source} differs")
+}
+
+const SLIMPAJAMA_KEYS: &[&str] = &["root", "split", "chunks", "subsets", "mix", "shuffle", "seed", "on_bad_row", "on_bad_file"];
+
+fn subset_name(name: &str) -> mlua::Result<String> {
+    use crate::data::slimpajama::{canonical_subset, SUBSETS};
+    canonical_subset(name).map(str::to_string).ok_or_else(|| {
+        mlua::Error::runtime(format!(
+            "unknown SlimPajama subset '{name}'{}",
+            super::opts::did_you_mean(name, SUBSETS)
+        ))
+    })
+}
+
+/// `wick.data.slimpajama{ root = "data/sample", split = "train", chunks = {1, 2}, mix = {Book = 3, Github = 0} }`
+fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
+    check_stop()?;
+    let o = Opts::new("wick.data.slimpajama", table_arg("wick.data.slimpajama", options)?, SLIMPAJAMA_KEYS, false)?;
+    let root = o.string("root")?.unwrap_or_else(|| "data/sample".into());
+    let split = o.string("split")?.unwrap_or_else(|| "train".into());
+    if !["train", "validation", "test"].contains(&split.as_str()) {
+        return Err(mlua::Error::runtime(format!(
+            "option 'split' of wick.data.slimpajama must be train, validation or test, got '{split}'"
+        )));
+    }
+    let chunks: Option<Vec<u64>> = match o.value("chunks")? {
+        Value::Nil => None,
+        Value::Table(t) => Some(
+            t.sequence_values::<u64>()
+                .collect::<mlua::Result<_>>()
+                .map_err(|_| mlua::Error::runtime("option 'chunks' of wick.data.slimpajama must be a list of chunk numbers"))?,
+        ),
+        _ => return Err(mlua::Error::runtime("option 'chunks' of wick.data.slimpajama must be a list of chunk numbers")),
+    };
+    let files = crate::data::slimpajama::discover(Path::new(&root), &split, chunks.as_deref())
+        .map_err(|e| mlua::Error::runtime(format!("wick.data.slimpajama: {e}")))?;
+    let subsets = match o.strings("subsets")? {
+        Some(list) => Some(list.iter().map(|s| subset_name(s)).collect::<mlua::Result<Vec<_>>>()?),
+        None => None,
+    };
+    let seed = match o.usize("seed")? {
+        Some(s) => s as u64,
+        None => lock(&context(lua)?).opts.seed,
+    };
+    let base = SourceSpec {
+        files,
+        field: "text".into(),
+        shuffle: o.bool("shuffle")?.unwrap_or(false),
+        seed,
+        on_bad_row: on_bad(&o, "on_bad_row")?,
+        on_bad_file: on_bad(&o, "on_bad_file")?,
+        subsets,
+    };
+    let name = format!("{root}/{split}");
+    match o.value("mix")? {
+        Value::Nil => Ok(Value::UserData(lua.create_userdata(SourceHandle { name, spec: Arc::new(base) })?)),
+        Value::Table(t) => {
+            // One stream per subset, each reading the same files filtered to its subset.
+            let mut parts = Vec::new();
+            for pair in t.pairs::<String, Value>() {
+                let (k, v) = pair?;
+                let subset = subset_name(&k)?;
+                let w = match v {
+                    Value::Integer(i) => i as f64,
+                    Value::Number(n) => n,
+                    _ => return Err(mlua::Error::runtime(format!("mix weight of '{k}' must be a number"))),
+                };
+                if !(w.is_finite() && w >= 0.0) {
+                    return Err(mlua::Error::runtime(format!("mix weight of '{k}' must be a non-negative number, got {w}")));
+                }
+                let mut spec = base.clone();
+                spec.subsets = Some(vec![subset.clone()]);
+                parts.push((subset, Arc::new(spec), w));
+            }
+            parts.sort_by(|a, b| a.0.cmp(&b.0));
+            if parts.iter().all(|(_, _, w)| *w == 0.0) {
+                return Err(mlua::Error::runtime("wick.data.slimpajama: mix needs at least one subset with a positive weight"));
+            }
+            Ok(Value::UserData(lua.create_userdata(MixHandle(parts))?))
+        }
+        _ => Err(mlua::Error::runtime("option 'mix' of wick.data.slimpajama must map subset names to weights")),
+    }
 }

@@ -125,7 +125,8 @@ impl TokenStream {
     fn wrap_epoch(&mut self) -> Result<(), String> {
         if self.wrapped && self.tokens_since_wrap == 0 {
             return Err(format!(
-                "data source has no usable text: {} file(s) read, every row was empty, filtered out or bad{}",
+                "data source has no usable text{}: {} file(s) read, every row was empty, filtered out or bad{}",
+                self.spec.subsets.as_ref().map(|s| format!(" for subset {}", s.join(", "))).unwrap_or_default(),
                 self.spec.files.len(),
                 self.spec.files.first().map(|f| format!(" (first file {})", f.path)).unwrap_or_default()
             ));

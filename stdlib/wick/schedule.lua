@@ -85,4 +85,49 @@ function M.warmup(opts)
   end
 end
 
+--- Phases of a run, each `{ steps = N, lr = number|fun(step, step_in_phase), mix = {...},
+--- batch = B, seq_len = S }`. `phases:apply(step, session, loader)` sets the learning rate and,
+--- when a new phase begins (or the run resumes inside one), the loader's mixture and shape.
+---@param list table[]
+function M.phases(list)
+  if type(list) ~= "table" or #list == 0 then
+    error("schedule.phases expects a list of phases: { {steps = 100, lr = 1e-3}, ... }", 2)
+  end
+  local P = { total = 0, list = {} }
+  for i, p in ipairs(list) do
+    check("schedule.phases entry " .. i, p, { steps = true, lr = true, mix = true, batch = true, seq_len = true, name = true })
+    local n = need("schedule.phases entry " .. i, p, "steps")
+    local phase = { index = i, start = P.total + 1, stop = P.total + n, steps = n,
+                    lr = p.lr, mix = p.mix, batch = p.batch, seq_len = p.seq_len, name = p.name or ("phase " .. i) }
+    P.list[i] = phase
+    P.total = P.total + n
+  end
+
+  --- The phase holding `step` (the last phase for steps past the end).
+  function P:at(step)
+    for _, p in ipairs(self.list) do
+      if step <= p.stop then return p end
+    end
+    return self.list[#self.list]
+  end
+
+  function P:apply(step, session, loader)
+    local p = self:at(step)
+    if self.current ~= p.index then
+      self.current = p.index
+      if loader and (p.mix or p.batch or p.seq_len) then
+        loader:set{ mix = p.mix, batch = p.batch, seq_len = p.seq_len }
+      end
+    end
+    if session and p.lr then
+      local lr = p.lr
+      if type(lr) == "function" then lr = lr(step, step - p.start + 1) end
+      session.lr = lr
+    end
+    return p
+  end
+
+  return P
+end
+
 return M
