@@ -8,6 +8,7 @@ local schedule = require("wick.schedule")
 local opt = { data = "data/sample", preset = "tiny", steps = 600, batch = 16, seq_len = 128,
               lr = 2e-3, eval_every = 100, mix = "Book=3,Github=1" }
 local flags = { test = false, ["drop-github"] = false }
+local given = {}
 local i = 1
 while i <= #wick.args do
   local a = wick.args[i]
@@ -21,11 +22,15 @@ while i <= #wick.args do
     local k = key:gsub("%-", "_")
     if opt[k] == nil and k ~= "chunks" and k ~= "tokenizer" then error("unknown option --" .. key) end
     opt[k] = tonumber(v) or v
+    given[k] = true
     i = i + 2
   end
 end
 if flags.test then -- quick mode: tiny model, a few dozen steps, seconds
-  opt.steps, opt.batch, opt.seq_len, opt.eval_every = 40, 4, 64, 20
+  local quick = { steps = 40, batch = 4, seq_len = 64, eval_every = 20 }
+  for k, v in pairs(quick) do
+    if not given[k] then opt[k] = v end
+  end
 end
 
 local mix = {}

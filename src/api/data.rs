@@ -493,10 +493,13 @@ const SLIMPAJAMA_KEYS: &[&str] = &["root", "split", "chunks", "subsets", "mix", 
 fn subset_name(name: &str) -> mlua::Result<String> {
     use crate::data::slimpajama::{canonical_subset, SUBSETS};
     canonical_subset(name).map(str::to_string).ok_or_else(|| {
-        mlua::Error::runtime(format!(
-            "unknown SlimPajama subset '{name}'{}",
-            super::opts::did_you_mean(name, SUBSETS)
-        ))
+        // Suggest against short names too: "Githb" is closer to "Github" than to "RedPajamaGithub".
+        let short: Vec<&str> = SUBSETS.iter().map(|s| s.strip_prefix("RedPajama").unwrap_or(s)).collect();
+        let hint = match super::opts::closest(name, &short) {
+            Some(s) => format!("; did you mean '{}'?", canonical_subset(s).unwrap_or(s)),
+            None => format!("; the subsets are {}", SUBSETS.join(", ")),
+        };
+        mlua::Error::runtime(format!("unknown SlimPajama subset '{name}'{hint}"))
     })
 }
 
