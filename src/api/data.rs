@@ -224,8 +224,10 @@ const SOURCE_KEYS: &[&str] = &[
     "files",
 ];
 
+/// `on_bad_row` defaults to skip (counted, reported); `on_bad_file` to error.
 fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
     match o.string(key)?.as_deref() {
+        None if key == "on_bad_file" => Ok(OnBad::Error),
         None | Some("skip") => Ok(OnBad::Skip),
         Some("error") => Ok(OnBad::Error),
         Some(other) => Err(mlua::Error::runtime(format!(
@@ -264,10 +266,7 @@ fn make_source(
         Some(s) => s as u64,
         None => lock(&context(lua)?).opts.seed,
     };
-    let on_bad_row = match o.string("on_bad_row")? {
-        None => default_on_bad_row,
-        Some(_) => on_bad(&o, "on_bad_row")?,
-    };
+    let on_bad_row = on_bad(&o, "on_bad_row")?;
     let spec = SourceSpec {
         files,
         field: o.string("field")?.unwrap_or_else(|| "text".into()),
