@@ -139,6 +139,8 @@ pub fn run(
         recipe_hash: Some(recipe_hash),
         args,
         quiet: false,
+        golden_dir: None,
+        bless: false,
     };
     let ctx = Arc::new(Mutex::new(RunContext::new(opts, resume_ckpt)));
     let lua = match lua::new_state(ctx.clone(), Some(recipe)) {

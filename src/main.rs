@@ -15,6 +15,7 @@ mod export;
 mod host;
 mod model;
 mod progress;
+mod regress;
 mod rng;
 mod train;
 
@@ -61,6 +62,47 @@ enum Command {
         /// Arguments for the recipe (wick.args and Lua's arg).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run regression cases: *_test.lua files with test("name", fn) cases.
+    Test {
+        /// Test files or directories (default tests/regress).
+        paths: Vec<PathBuf>,
+        /// Only cases whose "file::name" contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Cases run at once (default: the number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Seconds a case may run before it is stopped and failed.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Write or update golden files instead of comparing with them.
+        #[arg(long)]
+        bless: bool,
+        /// Also write a JUnit XML report.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// (internal) run one test case; used by `wick test`.
+    #[command(hide = true)]
+    TestCase {
+        file: PathBuf,
+        #[arg(long)]
+        case: String,
+        #[arg(long)]
+        ckpt_dir: PathBuf,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        bless: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        result: PathBuf,
     },
     /// Summarise a checkpoint (and verify its checksum).
     Inspect {
@@ -124,6 +166,42 @@ fn main() -> ExitCode {
             args,
         } => cli::run(&recipe, &common, resume, strict, args),
         Command::Inspect { ckpt, json } => cli::inspect(&ckpt, json),
+        Command::Test {
+            paths,
+            filter,
+            jobs,
+            timeout,
+            seed,
+            bless,
+            junit,
+            device,
+        } => regress::run(regress::TestArgs {
+            paths: if paths.is_empty() {
+                vec![PathBuf::from("tests/regress")]
+            } else {
+                paths
+            },
+            filter,
+            jobs: jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            }),
+            timeout,
+            seed,
+            bless,
+            junit,
+            device,
+        }),
+        Command::TestCase {
+            file,
+            case,
+            ckpt_dir,
+            seed,
+            bless,
+            device,
+            result,
+        } => regress::run_case(&file, &case, &ckpt_dir, seed, bless, &device, &result),
         Command::Bench { what } => {
             let results: Vec<Result<serde_json::Value, String>> = match what {
                 BenchCommand::Train {

@@ -24,14 +24,25 @@ fn tree(d: &Dir) {
                 s += &row(&"a".repeat(20 + k), sub("RedPajamaBook"));
                 if k % 3 == 0 {
                     s += &row(&"b".repeat(25), sub("RedPajamaGithub"));
-                    s += &row(&"c".repeat(15), Some(serde_json::Value::String(r#"{"redpajama_set_name": "RedPajamaStackExchange"}"#.into())));
+                    s += &row(
+                        &"c".repeat(15),
+                        Some(serde_json::Value::String(
+                            r#"{"redpajama_set_name": "RedPajamaStackExchange"}"#.into(),
+                        )),
+                    );
                     s += &row(&"d".repeat(10), None);
                 }
             }
-            d.write_bytes(&format!("sp/train/chunk{chunk}/example_train_{i}.jsonl.zst"), &zstd_compress(s.as_bytes()));
+            d.write_bytes(
+                &format!("sp/train/chunk{chunk}/example_train_{i}.jsonl.zst"),
+                &zstd_compress(s.as_bytes()),
+            );
         }
     }
-    d.write_bytes("sp/validation/chunk1/example_holdout_0.jsonl.zst", &zstd_compress(row("validation text", sub("RedPajamaBook")).as_bytes()));
+    d.write_bytes(
+        "sp/validation/chunk1/example_holdout_0.jsonl.zst",
+        &zstd_compress(row("validation text", sub("RedPajamaBook")).as_bytes()),
+    );
 }
 
 /// Lua that prints the share of each letter over `n` batches of `loader`.
@@ -52,7 +63,9 @@ end
 "#;
 
 fn shares(out: &str) -> Vec<f64> {
-    out.split_whitespace().filter_map(|kv| kv.split('=').nth(1)?.parse().ok()).collect()
+    out.split_whitespace()
+        .filter_map(|kv| kv.split('=').nth(1)?.parse().ok())
+        .collect()
 }
 
 #[test]
@@ -75,7 +88,12 @@ fn subset_mixture_follows_weights_and_meta_forms() {
     let r = format!("{COUNT}\nlocal l = wick.data.loader{{ source = wick.data.slimpajama{{ root = 'sp', subsets = {{ 'unknown' }} }}, batch = 2, seq_len = 16 }}\nprint(count(l, 20))\n");
     d.write("u.lua", &r);
     let o = d.run("u.lua", &[]);
-    assert_eq!(shares(&stdout(&o)), vec![0.0, 0.0, 0.0, 1.0], "{}", stderr(&o));
+    assert_eq!(
+        shares(&stdout(&o)),
+        vec![0.0, 0.0, 0.0, 1.0],
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -84,11 +102,26 @@ fn layout_errors_are_clear() {
     tree(&d);
     std::fs::create_dir_all(d.join("sp/test")).unwrap();
     for (src, needle) in [
-        ("wick.data.slimpajama{ root = 'sp', chunks = {7} }", "no directory chunk7 (found: chunk1, chunk2)"),
-        ("wick.data.slimpajama{ root = 'sp', split = 'test' }", "split 'test' under sp has no example_"),
-        ("wick.data.slimpajama{ root = 'nowhere' }", "nowhere is not a directory"),
-        ("wick.data.slimpajama{ root = 'sp', mix = { Githb = 1 } }", "did you mean 'RedPajamaGithub'"),
-        ("wick.data.slimpajama{ root = 'sp', split = 'dev' }", "must be train, validation or test"),
+        (
+            "wick.data.slimpajama{ root = 'sp', chunks = {7} }",
+            "no directory chunk7 (found: chunk1, chunk2)",
+        ),
+        (
+            "wick.data.slimpajama{ root = 'sp', split = 'test' }",
+            "split 'test' under sp has no example_",
+        ),
+        (
+            "wick.data.slimpajama{ root = 'nowhere' }",
+            "nowhere is not a directory",
+        ),
+        (
+            "wick.data.slimpajama{ root = 'sp', mix = { Githb = 1 } }",
+            "did you mean 'RedPajamaGithub'",
+        ),
+        (
+            "wick.data.slimpajama{ root = 'sp', split = 'dev' }",
+            "must be train, validation or test",
+        ),
     ] {
         d.write("r.lua", &format!("local s = {src}\n"));
         let o = d.run("r.lua", &[]);
@@ -99,7 +132,11 @@ fn layout_errors_are_clear() {
     d.write("r.lua", "local l = wick.data.loader{ source = wick.data.slimpajama{ root = 'sp', mix = { ArXiv = 1 } }, batch = 1, seq_len = 8 }\nl:next()\n");
     let o = d.run("r.lua", &[]);
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("no usable text for subset RedPajamaArXiv"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no usable text for subset RedPajamaArXiv"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 const PHASES: &str = r#"
@@ -172,8 +209,14 @@ fn bad_and_odd_rows_are_handled_and_counted() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), "one|two|three|on", "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("odd.jsonl:2: malformed JSON"), "invalid UTF-8 is a bad row: {err}");
-    assert!(err.contains("odd.jsonl:4: field 'text' is not a string"), "{err}");
+    assert!(
+        err.contains("odd.jsonl:2: malformed JSON"),
+        "invalid UTF-8 is a bad row: {err}"
+    );
+    assert!(
+        err.contains("odd.jsonl:4: field 'text' is not a string"),
+        "{err}"
+    );
     assert!(err.contains("odd.jsonl:5: malformed JSON"), "{err}");
 
     // Multi-frame zst: both frames are read.
@@ -184,7 +227,10 @@ fn bad_and_odd_rows_are_handled_and_counted() {
     assert_eq!(stdout(&o), "frame1|frame2|f", "{}", stderr(&o));
 
     // A 10 MB line goes through.
-    let big = format!("{{\"text\": \"{}\"}}\n{{\"text\": \"after\"}}\n", "x".repeat(10 << 20));
+    let big = format!(
+        "{{\"text\": \"{}\"}}\n{{\"text\": \"after\"}}\n",
+        "x".repeat(10 << 20)
+    );
     d.write("big.jsonl", &big);
     d.write("big.lua", "local l = wick.data.loader{ source = wick.data.jsonl{ 'big.jsonl' }, batch = 4, seq_len = 1024 }\nfor i = 1, 2557 do l:next() end\nlocal s = '' for _, t in ipairs(l:next():tokens(3)) do s = s .. (t == 256 and '|' or string.char(t)) end print(s:sub(1, 40))\n");
     let o = d.run("big.lua", &[]);
@@ -193,19 +239,33 @@ fn bad_and_odd_rows_are_handled_and_counted() {
 
     // A truncated .zst among good files: an error naming it, or skipped with on_bad_file = "skip".
     std::fs::create_dir_all(d.join("mixed")).unwrap();
-    d.write_bytes("mixed/a.jsonl.zst", &zstd_compress(b"{\"text\": \"good-a\"}\n"));
+    d.write_bytes(
+        "mixed/a.jsonl.zst",
+        &zstd_compress(b"{\"text\": \"good-a\"}\n"),
+    );
     let z = zstd_compress(&"{\"text\": \"lost\"}\n".repeat(2000).into_bytes());
     d.write_bytes("mixed/b.jsonl.zst", &z[..z.len() / 2]);
-    d.write_bytes("mixed/c.jsonl.zst", &zstd_compress(b"{\"text\": \"good-c\"}\n"));
+    d.write_bytes(
+        "mixed/c.jsonl.zst",
+        &zstd_compress(b"{\"text\": \"good-c\"}\n"),
+    );
     let o = first_window(&d, "mixed", 13, ", on_bad_file = 'skip'");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).starts_with("good-a|"), "{}", stdout(&o));
     assert!(stdout(&o).contains("good-c|"), "{}", stdout(&o));
-    assert!(stderr(&o).contains("skipping file") && stderr(&o).contains("b.jsonl.zst"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("skipping file") && stderr(&o).contains("b.jsonl.zst"),
+        "{}",
+        stderr(&o)
+    );
     d.write("all.lua", "local l = wick.data.loader{ source = wick.data.jsonl{ 'mixed' }, batch = 4, seq_len = 256 }\nfor i = 1, 500 do l:next() end\n");
     let o = d.run("all.lua", &[]);
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("b.jsonl.zst") && stderr(&o).contains("on_bad_file"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("b.jsonl.zst") && stderr(&o).contains("on_bad_file"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -213,12 +273,29 @@ fn slimpajama_recipe_quick_mode_trains_and_logs() {
     let d = Dir::new();
     tree(&d);
     let recipe = repo_root().join("scripts/slimpajama.lua");
-    let o = d.run(recipe.to_str().unwrap(), &["--", "--test", "--data", "sp", "--steps", "30", "--eval-every", "10"]);
+    let o = d.run(
+        recipe.to_str().unwrap(),
+        &[
+            "--",
+            "--test",
+            "--data",
+            "sp",
+            "--steps",
+            "30",
+            "--eval-every",
+            "10",
+        ],
+    );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let metrics = std::fs::read_to_string(d.join("ckpt/metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 3);
-    assert!(rows.iter().all(|r| r["val_loss"].is_number() && r["train_loss"].is_number()));
+    assert!(rows
+        .iter()
+        .all(|r| r["val_loss"].is_number() && r["train_loss"].is_number()));
     assert_eq!(rows[2]["phase"], "cool-down");
     assert!(rows[2]["val_loss"].as_f64().unwrap() < rows[0]["val_loss"].as_f64().unwrap() + 0.5);
     assert_eq!(ckpt_meta(&d.ckpt())["reason"], "completed");

@@ -125,18 +125,33 @@ impl UserData for LoaderHandle {
         methods.add_method("next", |_, this, ()| next_batch(this));
         methods.add_method("set", |_, this, options: Value| {
             check_stop()?;
-            let o = Opts::new("loader:set", table_arg("loader:set", options)?, &["batch", "seq_len", "mix"], false)?;
+            let o = Opts::new(
+                "loader:set",
+                table_arg("loader:set", options)?,
+                &["batch", "seq_len", "mix"],
+                false,
+            )?;
             let mut weights = Vec::new();
             if let Value::Table(t) = o.value("mix")? {
                 for pair in t.pairs::<String, f64>() {
-                    let (name, w) = pair.map_err(|_| mlua::Error::runtime("option 'mix' of loader:set must map source names to weights"))?;
-                    let name = crate::data::slimpajama::canonical_subset(&name).map(str::to_string).unwrap_or(name);
+                    let (name, w) = pair.map_err(|_| {
+                        mlua::Error::runtime(
+                            "option 'mix' of loader:set must map source names to weights",
+                        )
+                    })?;
+                    let name = crate::data::slimpajama::canonical_subset(&name)
+                        .map(str::to_string)
+                        .unwrap_or(name);
                     weights.push((name, w));
                 }
                 weights.sort_by(|a, b| a.0.cmp(&b.0));
             }
-            let mut l = this.0.lock().map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
-            l.reconfigure(o.usize("batch")?, o.usize("seq_len")?, &weights).map_err(mlua::Error::runtime)
+            let mut l = this
+                .0
+                .lock()
+                .map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
+            l.reconfigure(o.usize("batch")?, o.usize("seq_len")?, &weights)
+                .map_err(mlua::Error::runtime)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
             let l = this
@@ -237,12 +252,7 @@ fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
     }
 }
 
-fn make_source(
-    lua: &Lua,
-    func: &'static str,
-    options: Value,
-    default_on_bad_row: OnBad,
-) -> mlua::Result<SourceHandle> {
+fn make_source(lua: &Lua, func: &'static str, options: Value) -> mlua::Result<SourceHandle> {
     check_stop()?;
     let options = match options {
         Value::String(s) => {
@@ -292,21 +302,22 @@ const LOADER_KEYS: &[&str] = &[
     "name",
     "prefetch",
     "seed",
+    "resume",
 ];
 
 pub fn table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set(
         "files",
-        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.files", o, OnBad::Skip))?,
+        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.files", o))?,
     )?;
     t.set(
         "jsonl",
-        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.jsonl", o, OnBad::Skip))?,
+        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.jsonl", o))?,
     )?;
     t.set(
         "text",
-        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.text", o, OnBad::Skip))?,
+        lua.create_function(|lua, o: Value| make_source(lua, "wick.data.text", o))?,
     )?;
     t.set("mix", lua.create_function(mix)?)?;
     t.set("slimpajama", lua.create_function(slimpajama)?)?;
@@ -406,9 +417,6 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
     let name = o
         .string("name")?
         .unwrap_or_else(|| format!("loader{}", c.loaders.len() + 1));
-    if c.loaders.iter().any(|(n, _)| *n == name) {
-        return Err(mlua::Error::runtime(format!("wick.data.loader: a loader named '{name}' already exists; give each loader its own name")));
-    }
     let seed = o.usize("seed")?.map(|s| s as u64).unwrap_or(c.opts.seed);
     let spec = LoaderSpec {
         name: name.clone(),
@@ -418,7 +426,19 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
         seed,
         prefetch: o.usize("prefetch")?.unwrap_or(4),
     };
-    let cursor = match c.resume.as_ref().and_then(|r| r.meta.loaders.get(&name)) {
+    // `resume = path` restores this loader's position from a checkpoint file explicitly.
+    let explicit = match o.string("resume")? {
+        Some(path) => {
+            let p = Path::new(&path);
+            let bytes = std::fs::read(p).map_err(|e| {
+                mlua::Error::runtime(format!("wick.data.loader: cannot read {path}: {e}"))
+            })?;
+            Some(crate::ckpt::read_meta(p, &bytes).map_err(mlua::Error::runtime)?)
+        }
+        None => None,
+    };
+    let saved_meta = explicit.as_ref().or(c.resume.as_ref().map(|r| &r.meta));
+    let cursor = match saved_meta.and_then(|m| m.loaders.get(&name)) {
         Some(saved) => {
             let mut diffs = Vec::new();
             if saved.tokenizer != tokenizer.identity() {
@@ -457,6 +477,8 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
         None => None,
     };
     let loader = Arc::new(Mutex::new(Loader::new(spec, tokenizer, cursor)));
+    // A new loader under an earlier one's name takes its place in checkpoints.
+    c.loaders.retain(|(n, _)| *n != name);
     c.loaders.push((name, loader.clone()));
     Ok(LoaderHandle(loader))
 }
@@ -487,13 +509,26 @@ fn describe_file_diff(
     format!("source {source} differs")
 }
 
-const SLIMPAJAMA_KEYS: &[&str] = &["root", "split", "chunks", "subsets", "mix", "shuffle", "seed", "on_bad_row", "on_bad_file"];
+const SLIMPAJAMA_KEYS: &[&str] = &[
+    "root",
+    "split",
+    "chunks",
+    "subsets",
+    "mix",
+    "shuffle",
+    "seed",
+    "on_bad_row",
+    "on_bad_file",
+];
 
 fn subset_name(name: &str) -> mlua::Result<String> {
     use crate::data::slimpajama::{canonical_subset, SUBSETS};
     canonical_subset(name).map(str::to_string).ok_or_else(|| {
         // Suggest against short names too: "Githb" is closer to "Github" than to "RedPajamaGithub".
-        let short: Vec<&str> = SUBSETS.iter().map(|s| s.strip_prefix("RedPajama").unwrap_or(s)).collect();
+        let short: Vec<&str> = SUBSETS
+            .iter()
+            .map(|s| s.strip_prefix("RedPajama").unwrap_or(s))
+            .collect();
         let hint = match super::opts::closest(name, &short) {
             Some(s) => format!("; did you mean '{}'?", canonical_subset(s).unwrap_or(s)),
             None => format!("; the subsets are {}", SUBSETS.join(", ")),
@@ -505,7 +540,12 @@ fn subset_name(name: &str) -> mlua::Result<String> {
 /// `wick.data.slimpajama{ root = "data/sample", split = "train", chunks = {1, 2}, mix = {Book = 3, Github = 0} }`
 fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
     check_stop()?;
-    let o = Opts::new("wick.data.slimpajama", table_arg("wick.data.slimpajama", options)?, SLIMPAJAMA_KEYS, false)?;
+    let o = Opts::new(
+        "wick.data.slimpajama",
+        table_arg("wick.data.slimpajama", options)?,
+        SLIMPAJAMA_KEYS,
+        false,
+    )?;
     let root = o.string("root")?.unwrap_or_else(|| "data/sample".into());
     let split = o.string("split")?.unwrap_or_else(|| "train".into());
     if !["train", "validation", "test"].contains(&split.as_str()) {
@@ -518,14 +558,26 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
         Value::Table(t) => Some(
             t.sequence_values::<u64>()
                 .collect::<mlua::Result<_>>()
-                .map_err(|_| mlua::Error::runtime("option 'chunks' of wick.data.slimpajama must be a list of chunk numbers"))?,
+                .map_err(|_| {
+                    mlua::Error::runtime(
+                        "option 'chunks' of wick.data.slimpajama must be a list of chunk numbers",
+                    )
+                })?,
         ),
-        _ => return Err(mlua::Error::runtime("option 'chunks' of wick.data.slimpajama must be a list of chunk numbers")),
+        _ => {
+            return Err(mlua::Error::runtime(
+                "option 'chunks' of wick.data.slimpajama must be a list of chunk numbers",
+            ))
+        }
     };
     let files = crate::data::slimpajama::discover(Path::new(&root), &split, chunks.as_deref())
         .map_err(|e| mlua::Error::runtime(format!("wick.data.slimpajama: {e}")))?;
     let subsets = match o.strings("subsets")? {
-        Some(list) => Some(list.iter().map(|s| subset_name(s)).collect::<mlua::Result<Vec<_>>>()?),
+        Some(list) => Some(
+            list.iter()
+                .map(|s| subset_name(s))
+                .collect::<mlua::Result<Vec<_>>>()?,
+        ),
         None => None,
     };
     let seed = match o.usize("seed")? {
@@ -543,7 +595,10 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
     };
     let name = format!("{root}/{split}");
     match o.value("mix")? {
-        Value::Nil => Ok(Value::UserData(lua.create_userdata(SourceHandle { name, spec: Arc::new(base) })?)),
+        Value::Nil => Ok(Value::UserData(lua.create_userdata(SourceHandle {
+            name,
+            spec: Arc::new(base),
+        })?)),
         Value::Table(t) => {
             // One stream per subset, each reading the same files filtered to its subset.
             let mut parts = Vec::new();
@@ -553,10 +608,16 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
                 let w = match v {
                     Value::Integer(i) => i as f64,
                     Value::Number(n) => n,
-                    _ => return Err(mlua::Error::runtime(format!("mix weight of '{k}' must be a number"))),
+                    _ => {
+                        return Err(mlua::Error::runtime(format!(
+                            "mix weight of '{k}' must be a number"
+                        )))
+                    }
                 };
                 if !(w.is_finite() && w >= 0.0) {
-                    return Err(mlua::Error::runtime(format!("mix weight of '{k}' must be a non-negative number, got {w}")));
+                    return Err(mlua::Error::runtime(format!(
+                        "mix weight of '{k}' must be a non-negative number, got {w}"
+                    )));
                 }
                 let mut spec = base.clone();
                 spec.subsets = Some(vec![subset.clone()]);
@@ -564,10 +625,14 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
             }
             parts.sort_by(|a, b| a.0.cmp(&b.0));
             if parts.iter().all(|(_, _, w)| *w == 0.0) {
-                return Err(mlua::Error::runtime("wick.data.slimpajama: mix needs at least one subset with a positive weight"));
+                return Err(mlua::Error::runtime(
+                    "wick.data.slimpajama: mix needs at least one subset with a positive weight",
+                ));
             }
             Ok(Value::UserData(lua.create_userdata(MixHandle(parts))?))
         }
-        _ => Err(mlua::Error::runtime("option 'mix' of wick.data.slimpajama must map subset names to weights")),
+        _ => Err(mlua::Error::runtime(
+            "option 'mix' of wick.data.slimpajama must map subset names to weights",
+        )),
     }
 }

@@ -33,7 +33,7 @@ pub fn check_stop() -> mlua::Result<()> {
 
 pub fn install(lua: &Lua) -> mlua::Result<()> {
     let ctx = context(lua)?;
-    let (args, seed, resumed, state, device, recipe) = {
+    let (args, seed, resumed, state, device, recipe, ckpt_dir) = {
         let c = lock(&ctx);
         (
             c.opts.args.clone(),
@@ -42,6 +42,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
             c.resume.as_ref().map(|r| r.meta.state.clone()),
             c.opts.device_name.clone(),
             c.opts.recipe.clone(),
+            c.ckpt_dir(),
         )
     };
     let wick = lua.create_table()?;
@@ -50,6 +51,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     wick.set("resumed", resumed)?;
     wick.set("device", device)?;
     wick.set("version", env!("CARGO_PKG_VERSION"))?;
+    wick.set("ckpt_dir", ckpt_dir.display().to_string())?;
     let state = match state {
         Some(s) if !s.is_null() => lua.to_value(&s)?,
         _ => Value::Table(lua.create_table()?),
@@ -76,6 +78,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     )?;
     wick.set("log", lua.create_function(log)?)?;
     wick.set("save", lua.create_function(save)?)?;
+    wick.set("__golden", lua.create_function(golden)?)?;
     wick.set("model", lua.create_function(model::create)?)?;
     wick.set("load", lua.create_function(model::load)?)?;
     wick.set("session", lua.create_function(session::create)?)?;
@@ -182,4 +185,73 @@ pub fn to_lua_table(lua: &Lua, v: &impl serde::Serialize) -> mlua::Result<Table>
         Value::Table(t) => Ok(t),
         _ => lua.create_table(),
     }
+}
+
+/// `expect.golden` on the host: compare `values` with golden/NAME.json (or write it under
+/// `--bless`). Returns (ok, message).
+fn golden(
+    lua: &Lua,
+    (name, values, rtol, atol): (String, Vec<f64>, f64, f64),
+) -> mlua::Result<(bool, String)> {
+    let ctx = context(lua)?;
+    let mut c = lock(&ctx);
+    let dir = c
+        .opts
+        .golden_dir
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("golden"));
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(mlua::Error::runtime(format!(
+            "expect.golden: '{name}' is not a plain file name"
+        )));
+    }
+    let path = dir.join(format!("{name}.json"));
+    let old: Option<Vec<f64>> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| serde_json::from_value(v["values"].clone()).ok());
+    if c.opts.bless {
+        let status = match &old {
+            None => "new",
+            Some(o) if *o == values => "unchanged",
+            Some(_) => "changed",
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| mlua::Error::runtime(format!("cannot create {}: {e}", dir.display())))?;
+        let body =
+            serde_json::to_string_pretty(&serde_json::json!({ "name": name, "values": values }))
+                .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+        std::fs::write(&path, body + "\n")
+            .map_err(|e| mlua::Error::runtime(format!("cannot write {}: {e}", path.display())))?;
+        c.blessed.push((name, status.to_string()));
+        return Ok((true, String::new()));
+    }
+    let Some(expected) = old else {
+        return Ok((
+            false,
+            format!(
+                "golden file {} is missing or unreadable; run `wick test --bless` to create it",
+                path.display()
+            ),
+        ));
+    };
+    if expected.len() != values.len() {
+        return Ok((
+            false,
+            format!(
+                "golden {name}: expected {} values, got {}",
+                expected.len(),
+                values.len()
+            ),
+        ));
+    }
+    for (i, (e, a)) in expected.iter().zip(&values).enumerate() {
+        if (e - a).abs() > atol + rtol * e.abs() || a.is_nan() != e.is_nan() {
+            return Ok((false, format!(
+                "golden {name} differs at index {} (step {}): expected {e}, got {a} (rtol {rtol}, atol {atol}); `wick test --bless` accepts the new values",
+                i + 1, i + 1
+            )));
+        }
+    }
+    Ok((true, String::new()))
 }

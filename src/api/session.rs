@@ -86,7 +86,48 @@ pub fn adamw(_: &Lua, options: Option<Value>) -> mlua::Result<OptimHandle> {
     Ok(OptimHandle(c))
 }
 
-const SESSION_KEYS: &[&str] = &["model", "optim", "lr"];
+const SESSION_KEYS: &[&str] = &["model", "optim", "lr", "resume"];
+
+/// Load a checkpoint's weights, optimizer state and counters into a fresh session.
+fn restore(
+    session: &mut Session,
+    model: &ModelHandle,
+    ckpt: &crate::ckpt::Checkpoint,
+) -> mlua::Result<()> {
+    let diffs = model.model.config.differences(&ckpt.meta.model);
+    if !diffs.is_empty() {
+        return Err(mlua::Error::external(Refused(format!(
+            "the model config differs from the checkpoint's: {}",
+            diffs.join("; ")
+        ))));
+    }
+    model
+        .model
+        .load_params(&ckpt.group("model."))
+        .map_err(|e| {
+            mlua::Error::external(Refused(format!("checkpoint {}: {e}", ckpt.path.display())))
+        })?;
+    let device = model.model.device().clone();
+    let to_dev = |m: std::collections::BTreeMap<String, candle_core::Tensor>| -> mlua::Result<_> {
+        m.into_iter()
+            .map(|(k, t)| {
+                Ok((
+                    k,
+                    t.to_device(&device)
+                        .map_err(|e| mlua::Error::runtime(e.to_string()))?,
+                ))
+            })
+            .collect::<mlua::Result<std::collections::BTreeMap<_, _>>>()
+    };
+    session.optim.m = to_dev(ckpt.group("optim.m."))?;
+    session.optim.v = to_dev(ckpt.group("optim.v."))?;
+    session.optim.step = ckpt.meta.optim_step;
+    session.step = ckpt.meta.step;
+    session.tokens_seen = ckpt.meta.tokens_seen;
+    session.lr = ckpt.meta.lr;
+    session.last_loss = ckpt.meta.loss;
+    Ok(())
+}
 
 pub fn create(lua: &Lua, options: Value) -> mlua::Result<SessionHandle> {
     check_stop()?;
@@ -128,40 +169,15 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<SessionHandle> {
     }
     let ctx = context(lua)?;
     let mut c = lock(&ctx);
-    if let Some(ckpt) = c.resume.clone().filter(|_| c.session.is_none()) {
-        let diffs = model.model.config.differences(&ckpt.meta.model);
-        if !diffs.is_empty() {
-            return Err(mlua::Error::external(Refused(format!(
-                "the model config differs from the checkpoint's: {}",
-                diffs.join("; ")
-            ))));
-        }
-        model
-            .model
-            .load_params(&ckpt.group("model."))
-            .map_err(|e| {
-                mlua::Error::external(Refused(format!("checkpoint {}: {e}", ckpt.path.display())))
-            })?;
-        let device = model.model.device().clone();
-        let to_dev =
-            |m: std::collections::BTreeMap<String, candle_core::Tensor>| -> mlua::Result<_> {
-                m.into_iter()
-                    .map(|(k, t)| {
-                        Ok((
-                            k,
-                            t.to_device(&device)
-                                .map_err(|e| mlua::Error::runtime(e.to_string()))?,
-                        ))
-                    })
-                    .collect::<mlua::Result<std::collections::BTreeMap<_, _>>>()
-            };
-        session.optim.m = to_dev(ckpt.group("optim.m."))?;
-        session.optim.v = to_dev(ckpt.group("optim.v."))?;
-        session.optim.step = ckpt.meta.optim_step;
-        session.step = ckpt.meta.step;
-        session.tokens_seen = ckpt.meta.tokens_seen;
-        session.lr = ckpt.meta.lr;
-        session.last_loss = ckpt.meta.loss;
+    let explicit = match o.string("resume")? {
+        Some(path) => Some(Arc::new(
+            crate::ckpt::load(std::path::Path::new(&path))
+                .map_err(|e| mlua::Error::runtime(format!("wick.session: {e}")))?,
+        )),
+        None => None,
+    };
+    if let Some(ckpt) = explicit.or_else(|| c.resume.clone().filter(|_| c.session.is_none())) {
+        restore(&mut session, &model, &ckpt)?;
     }
     let session = Arc::new(Mutex::new(session));
     c.session = Some(session.clone());

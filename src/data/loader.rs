@@ -239,19 +239,38 @@ impl Loader {
 impl Loader {
     /// Change batch size, window length or mixture weights from the next batch on. The thread
     /// restarts from the cursor of the last batch handed out, so nothing is skipped or repeated.
-    pub fn reconfigure(&mut self, batch: Option<usize>, seq_len: Option<usize>, weights: &[(String, f64)]) -> Result<(), String> {
+    pub fn reconfigure(
+        &mut self,
+        batch: Option<usize>,
+        seq_len: Option<usize>,
+        weights: &[(String, f64)],
+    ) -> Result<(), String> {
         for (name, w) in weights {
             let Some(entry) = self.spec.sources.iter_mut().find(|(n, _, _)| n == name) else {
-                let names: Vec<&str> = self.spec.sources.iter().map(|(n, _, _)| n.as_str()).collect();
-                return Err(format!("loader '{}' has no source '{name}' (it has: {})", self.spec.name, names.join(", ")));
+                let names: Vec<&str> = self
+                    .spec
+                    .sources
+                    .iter()
+                    .map(|(n, _, _)| n.as_str())
+                    .collect();
+                return Err(format!(
+                    "loader '{}' has no source '{name}' (it has: {})",
+                    self.spec.name,
+                    names.join(", ")
+                ));
             };
             if !(w.is_finite() && *w >= 0.0) {
-                return Err(format!("mixture weight of '{name}' must be a non-negative number, got {w}"));
+                return Err(format!(
+                    "mixture weight of '{name}' must be a non-negative number, got {w}"
+                ));
             }
             entry.2 = *w;
         }
         if self.spec.sources.iter().all(|(_, _, w)| *w == 0.0) {
-            return Err(format!("loader '{}': every mixture weight is 0", self.spec.name));
+            return Err(format!(
+                "loader '{}': every mixture weight is 0",
+                self.spec.name
+            ));
         }
         if let Some(b) = batch.filter(|&b| b > 0) {
             self.spec.batch = b;

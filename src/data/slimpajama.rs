@@ -19,22 +19,38 @@ pub const SUBSETS: &[&str] = &[
 pub fn canonical_subset(name: &str) -> Option<&'static str> {
     SUBSETS
         .iter()
-        .find(|s| s.eq_ignore_ascii_case(name) || s.strip_prefix("RedPajama").is_some_and(|short| short.eq_ignore_ascii_case(name)))
+        .find(|s| {
+            s.eq_ignore_ascii_case(name)
+                || s.strip_prefix("RedPajama")
+                    .is_some_and(|short| short.eq_ignore_ascii_case(name))
+        })
         .copied()
 }
 
 fn list_dirs(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| r.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort_by(|a, b| natural_cmp(a, b));
     v
 }
 
 /// The files of a split (optionally only some chunks), in SlimPajama's numeric order.
-pub fn discover(root: &Path, split: &str, chunks: Option<&[u64]>) -> Result<Vec<FileEntry>, String> {
+pub fn discover(
+    root: &Path,
+    split: &str,
+    chunks: Option<&[u64]>,
+) -> Result<Vec<FileEntry>, String> {
     if !root.is_dir() {
-        return Err(format!("SlimPajama root {} is not a directory", root.display()));
+        return Err(format!(
+            "SlimPajama root {} is not a directory",
+            root.display()
+        ));
     }
     let split_dir = root.join(split);
     if !split_dir.is_dir() {
@@ -42,10 +58,17 @@ pub fn discover(root: &Path, split: &str, chunks: Option<&[u64]>) -> Result<Vec<
         return Err(format!(
             "no split '{split}' under {} (found: {})",
             root.display(),
-            if found.is_empty() { "nothing".to_string() } else { found.join(", ") }
+            if found.is_empty() {
+                "nothing".to_string()
+            } else {
+                found.join(", ")
+            }
         ));
     }
-    let existing: Vec<String> = list_dirs(&split_dir).into_iter().filter(|d| d.starts_with("chunk")).collect();
+    let existing: Vec<String> = list_dirs(&split_dir)
+        .into_iter()
+        .filter(|d| d.starts_with("chunk"))
+        .collect();
     let wanted: Vec<String> = match chunks {
         Some(list) => {
             let mut out = Vec::new();
@@ -55,7 +78,11 @@ pub fn discover(root: &Path, split: &str, chunks: Option<&[u64]>) -> Result<Vec<
                     return Err(format!(
                         "{}: no directory {name} (found: {})",
                         split_dir.display(),
-                        if existing.is_empty() { "no chunk directories".to_string() } else { existing.join(", ") }
+                        if existing.is_empty() {
+                            "no chunk directories".to_string()
+                        } else {
+                            existing.join(", ")
+                        }
                     ));
                 }
                 out.push(name);
@@ -71,20 +98,29 @@ pub fn discover(root: &Path, split: &str, chunks: Option<&[u64]>) -> Result<Vec<
             .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("example_") && (n.ends_with(".jsonl.zst") || n.ends_with(".jsonl")))
+            .filter(|n| {
+                n.starts_with("example_") && (n.ends_with(".jsonl.zst") || n.ends_with(".jsonl"))
+            })
             .collect();
         names.sort_by(|a, b| natural_cmp(a, b));
         for n in names {
             let p = dir.join(&n);
             let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            files.push(FileEntry { path: p.to_string_lossy().into_owned(), size });
+            files.push(FileEntry {
+                path: p.to_string_lossy().into_owned(),
+                size,
+            });
         }
     }
     if files.is_empty() {
         return Err(format!(
             "split '{split}' under {} has no example_*.jsonl.zst files{}",
             root.display(),
-            if wanted.is_empty() { " (no chunk directories)".to_string() } else { format!(" in {}", wanted.join(", ")) }
+            if wanted.is_empty() {
+                " (no chunk directories)".to_string()
+            } else {
+                format!(" in {}", wanted.join(", "))
+            }
         ));
     }
     Ok(files)
@@ -105,7 +141,10 @@ mod tests {
             }
         }
         let files = discover(d.path(), "train", None).unwrap();
-        let names: Vec<String> = files.iter().map(|f| f.path.rsplit("train/").next().unwrap().to_string()).collect();
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.path.rsplit("train/").next().unwrap().to_string())
+            .collect();
         assert_eq!(names[0], "chunk1/example_train_0.jsonl.zst");
         assert_eq!(names[3], "chunk1/example_train_9.jsonl.zst");
         assert_eq!(names[4], "chunk1/example_train_10.jsonl.zst");
@@ -114,9 +153,15 @@ mod tests {
         let only = discover(d.path(), "train", Some(&[10])).unwrap();
         assert_eq!(only.len(), 5);
         let e = discover(d.path(), "train", Some(&[3])).unwrap_err();
-        assert!(e.contains("no directory chunk3") && e.contains("chunk1, chunk2, chunk10"), "{e}");
+        assert!(
+            e.contains("no directory chunk3") && e.contains("chunk1, chunk2, chunk10"),
+            "{e}"
+        );
         let e = discover(d.path(), "validation", None).unwrap_err();
-        assert!(e.contains("no split 'validation'") && e.contains("train"), "{e}");
+        assert!(
+            e.contains("no split 'validation'") && e.contains("train"),
+            "{e}"
+        );
         std::fs::create_dir_all(d.path().join("test")).unwrap();
         let e = discover(d.path(), "test", None).unwrap_err();
         assert!(e.contains("no example_"), "{e}");

@@ -23,6 +23,10 @@ pub struct RunOptions {
     pub args: Vec<String>,
     /// Print progress lines (off inside `wick test` cases).
     pub quiet: bool,
+    /// Where `expect.golden` files live (`golden/` beside a test file), and whether
+    /// `wick test --bless` asked to (re)write them.
+    pub golden_dir: Option<PathBuf>,
+    pub bless: bool,
 }
 
 pub struct RunContext {
@@ -42,6 +46,8 @@ pub struct RunContext {
     pub diverged: bool,
     /// For tokens/s on the progress line.
     pub loop_clock: Option<(std::time::Instant, u64)>,
+    /// Golden files written under --bless: (name, "new" | "changed" | "unchanged").
+    pub blessed: Vec<(String, String)>,
 }
 
 pub type SharedContext = Arc<Mutex<RunContext>>;
@@ -64,6 +70,7 @@ impl RunContext {
             metrics: None,
             diverged: false,
             loop_clock: None,
+            blessed: Vec::new(),
         }
     }
 

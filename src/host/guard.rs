@@ -44,9 +44,12 @@ impl Ending {
 
 /// Run one chunk of Lua (a recipe file, a REPL line, a test case) and classify how it ended.
 pub fn run_chunk(lua: &Lua, name: &str, src: &str) -> (Ending, Vec<mlua::Value>) {
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        lua.load(src).set_name(name).eval::<mlua::MultiValue>()
-    }));
+    run_with(|| lua.load(src).set_name(name).eval::<mlua::MultiValue>())
+}
+
+/// Run any Lua entry (a chunk, a test case's function) and classify how it ended.
+pub fn run_with(f: impl FnOnce() -> mlua::Result<mlua::MultiValue>) -> (Ending, Vec<mlua::Value>) {
+    let result = catch_unwind(AssertUnwindSafe(f));
     match result {
         Ok(Ok(values)) => match signals::received().filter(|_| signals::stop_requested()) {
             Some(sig) => (Ending::Stopped(sig), Vec::new()),
@@ -86,7 +89,11 @@ pub fn clean_message(e: &mlua::Error) -> String {
             if inner.contains("stack traceback:") {
                 inner
             } else {
-                format!("{inner}\n{traceback}")
+                // A host call failed: name the recipe line that made it, as Lua errors do.
+                match lua_location(traceback) {
+                    Some(at) if !inner.starts_with(&at) => format!("{at}: {inner}\n{traceback}"),
+                    _ => format!("{inner}\n{traceback}"),
+                }
             }
         }
         mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
@@ -102,6 +109,20 @@ pub fn clean_message(e: &mlua::Error) -> String {
         Some(i) => text[..i].to_string(),
         None => text,
     }
+}
+
+/// The first Lua `file:line` in a traceback (skipping frames of Rust functions).
+fn lua_location(traceback: &str) -> Option<String> {
+    traceback.lines().skip(1).find_map(|l| {
+        let l = l.trim();
+        if l.starts_with("[C]") {
+            return None;
+        }
+        let mut parts = l.splitn(3, ':');
+        let file = parts.next()?;
+        let line = parts.next()?;
+        line.parse::<u64>().ok().map(|n| format!("{file}:{n}"))
+    })
 }
 
 /// The recipe's `wick.state` as JSON (null if absent or not plain data).

@@ -56,5 +56,13 @@ function Expectation:decreasing(opts)
   return self
 end
 
+--- Compare a list of numbers with golden/NAME.json beside the test file (`wick test --bless`
+--- writes it). opts: rtol (1e-5), atol (1e-8).
+function M.golden(name, values, opts)
+  opts = opts or {}
+  local ok, msg = wick.__golden(name, values, opts.rtol or 1e-5, opts.atol or 1e-8)
+  if not ok then error("expectation failed: " .. msg, 2) end
+end
+
 setmetatable(M, { __call = function(_, v) return setmetatable({ value = v }, Expectation) end })
 return M
