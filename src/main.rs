@@ -11,11 +11,13 @@ mod bench;
 mod ckpt;
 mod cli;
 mod data;
+mod docs;
 mod export;
 mod host;
 mod model;
 mod progress;
 mod regress;
+mod repl;
 mod rng;
 mod train;
 
@@ -62,6 +64,14 @@ enum Command {
         /// Arguments for the recipe (wick.args and Lua's arg).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// An interactive Lua prompt on the wick API (reads statements from stdin when piped).
+    Repl {
+        #[command(flatten)]
+        common: RunArgs,
+        /// Start from a checkpoint: `model` and `session` are ready.
+        #[arg(long, value_name = "CKPT")]
+        resume: Option<PathBuf>,
     },
     /// Run regression cases: *_test.lua files with test("name", fn) cases.
     Test {
@@ -166,6 +176,7 @@ fn main() -> ExitCode {
             args,
         } => cli::run(&recipe, &common, resume, strict, args),
         Command::Inspect { ckpt, json } => cli::inspect(&ckpt, json),
+        Command::Repl { common, resume } => repl::run(&common, resume),
         Command::Test {
             paths,
             filter,

@@ -204,7 +204,7 @@ pub fn run_case(
     };
     let (ending, _) = guard::run_with(|| f.call::<mlua::MultiValue>(()));
     let message = match &ending {
-        guard::Ending::Completed => String::new(),
+        guard::Ending::Completed | guard::Ending::ReplExit => String::new(),
         guard::Ending::Failed(m) | guard::Ending::Diverged(m) | guard::Ending::Refused(m) => {
             m.clone()
         }

@@ -61,6 +61,29 @@ function Model:logits(input) end
 ---@return integer
 function Model:param_count() end
 
+--- Names of the model's weights.
+---@return string[]
+function Model:weights() end
+
+--- One weight, for inspection: shape, dtype, values, mean, norm.
+---@param name string e.g. "layers.0.attention.wq.weight"
+---@return wick.Tensor
+function Model:weight(name) end
+
+---@class wick.Tensor
+---@field shape integer[]
+---@field dtype string
+---@field numel integer
+local Tensor = {}
+--- The first n values (all by default), flattened.
+---@param n? integer
+---@return number[]
+function Tensor:values(n) end
+---@return number
+function Tensor:mean() end
+---@return number
+function Tensor:norm() end
+
 ---@class wick.optim
 wick.optim = {}
 

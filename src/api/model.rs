@@ -187,6 +187,21 @@ impl UserData for ModelHandle {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("param_count", |_, this, ()| Ok(this.model.param_count()));
+        methods.add_method("weights", |_, this, ()| {
+            Ok(this.model.params().keys().cloned().collect::<Vec<_>>())
+        });
+        methods.add_method("weight", |_, this, name: String| {
+            match this.model.params().get(&name) {
+                Some(v) => Ok(TensorHandle(v.as_tensor().detach())),
+                None => {
+                    let names: Vec<&str> = this.model.params().keys().map(|s| s.as_str()).collect();
+                    Err(mlua::Error::runtime(format!(
+                        "model has no weight '{name}'{}",
+                        super::opts::did_you_mean(&name, &names)
+                    )))
+                }
+            }
+        });
         // Logits for a sequence: a string (tokenized) or a list of token ids; rows per position.
         methods.add_method("logits", |_, this, input: Value| {
             check_stop()?;
@@ -278,6 +293,68 @@ impl UserData for ModelHandle {
                 "wick.model(dim={}, n_layers={}, n_heads={}, n_kv_heads={}, hidden_dim={}, vocab={}, seq_len={}, tied={}, params={})",
                 c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab, c.seq_len, c.tie_embeddings,
                 this.model.param_count()
+            ))
+        });
+    }
+}
+
+/// A read-only view of a tensor (a model weight) for inspection in the REPL.
+pub struct TensorHandle(pub candle_core::Tensor);
+
+impl TensorHandle {
+    fn values(&self, n: usize) -> mlua::Result<Vec<f32>> {
+        let flat = self
+            .0
+            .flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+        let n = n.min(flat.elem_count());
+        flat.narrow(0, 0, n)
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| mlua::Error::runtime(e.to_string()))
+    }
+
+    fn stat(
+        &self,
+        f: impl Fn(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>,
+    ) -> mlua::Result<f64> {
+        self.0
+            .to_dtype(candle_core::DType::F64)
+            .and_then(|t| f(&t))
+            .and_then(|t| t.to_scalar::<f64>())
+            .map_err(|e| mlua::Error::runtime(e.to_string()))
+    }
+}
+
+impl UserData for TensorHandle {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("shape", |_, this| Ok(this.0.dims().to_vec()));
+        fields.add_field_method_get("dtype", |_, this| {
+            Ok(format!("{:?}", this.0.dtype()).to_lowercase())
+        });
+        fields.add_field_method_get("numel", |_, this| Ok(this.0.elem_count()));
+    }
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("values", |_, this, n: Option<usize>| {
+            this.values(n.unwrap_or(usize::MAX))
+        });
+        methods.add_method("mean", |_, this, ()| this.stat(|t| t.mean_all()));
+        methods.add_method("norm", |_, this, ()| {
+            this.stat(|t| t.sqr()?.sum_all()?.sqrt())
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| {
+            let vals: Vec<String> = this.values(6)?.iter().map(|v| format!("{v:.4}")).collect();
+            let more = if this.0.elem_count() > 6 { ", ..." } else { "" };
+            Ok(format!(
+                "wick.tensor(shape={:?}, dtype={:?}, device={}, values=[{}{more}])",
+                this.0.dims(),
+                this.0.dtype(),
+                if this.0.device().is_cpu() {
+                    "cpu"
+                } else {
+                    "cuda"
+                },
+                vals.join(", ")
             ))
         });
     }

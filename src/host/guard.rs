@@ -12,6 +12,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 #[derive(Debug)]
 pub enum Ending {
     Completed,
+    /// The REPL was left (Ctrl+D, :quit, end of piped input).
+    ReplExit,
     Failed(String),
     Stopped(i32),
     Panicked(String),
@@ -23,6 +25,7 @@ impl Ending {
     pub fn reason(&self) -> &'static str {
         match self {
             Ending::Completed => "completed",
+            Ending::ReplExit => "repl-exit",
             Ending::Failed(_) => "error",
             Ending::Stopped(_) => "interrupted",
             Ending::Panicked(_) => "panic",
@@ -33,7 +36,7 @@ impl Ending {
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Ending::Completed => exit::OK,
+            Ending::Completed | Ending::ReplExit => exit::OK,
             Ending::Failed(_) | Ending::Diverged(_) => exit::ERROR,
             Ending::Stopped(sig) => signals::exit_code(*sig),
             Ending::Panicked(_) => exit::PANIC,
@@ -149,7 +152,7 @@ pub fn read_state(lua: &Lua) -> serde_json::Value {
 pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
     crate::progress::finish();
     match ending {
-        Ending::Completed => {}
+        Ending::Completed | Ending::ReplExit => {}
         Ending::Failed(msg) => eprintln!("error: {msg}"),
         Ending::Stopped(sig) => eprintln!("wick: stopped by {}", signals::signal_name(*sig)),
         Ending::Panicked(msg) => eprintln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),

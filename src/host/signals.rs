@@ -13,6 +13,11 @@ static COUNT: AtomicU32 = AtomicU32::new(0);
 static SAVING: AtomicBool = AtomicBool::new(false);
 /// In the REPL a first Ctrl+C cancels the running command instead of ending the program.
 static REPL_MODE: AtomicBool = AtomicBool::new(false);
+/// The REPL is waiting for input: a SIGTERM/SIGHUP there cannot reach the main thread, so the
+/// handler thread runs this (save and exit) instead.
+static AT_PROMPT: AtomicBool = AtomicBool::new(false);
+type PromptExit = Box<dyn Fn(i32) + Send>;
+static PROMPT_EXIT: std::sync::Mutex<Option<PromptExit>> = std::sync::Mutex::new(None);
 static CHAINED: [AtomicUsize; 3] = [
     AtomicUsize::new(0),
     AtomicUsize::new(0),
@@ -89,10 +94,27 @@ extern "C" fn record_then_chain(sig: libc::c_int) {
     }
 }
 
+pub fn set_at_prompt(on: bool) {
+    AT_PROMPT.store(on, Ordering::SeqCst);
+}
+
+pub fn set_prompt_exit(f: PromptExit) {
+    if let Ok(mut g) = PROMPT_EXIT.lock() {
+        *g = Some(f);
+    }
+}
+
 fn on_signal() {
     let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
     STOP.store(true, Ordering::SeqCst);
     let sig = LAST_SIGNAL.load(Ordering::SeqCst);
+    if AT_PROMPT.load(Ordering::SeqCst) {
+        if let Ok(g) = PROMPT_EXIT.lock() {
+            if let Some(f) = g.as_ref() {
+                f(if sig == 0 { libc::SIGINT } else { sig });
+            }
+        }
+    }
     let name = signal_name(if sig == 0 { libc::SIGINT } else { sig });
     match n {
         1 if REPL_MODE.load(Ordering::SeqCst) => {}
