@@ -52,7 +52,7 @@ pub fn entries() -> Vec<Entry> {
             flush_class(&mut class, &mut out);
             let name = sig.split('(').next().unwrap_or("").to_string();
             let mut text = vec![sig.trim_end_matches(" end").to_string()];
-            text.extend(doc.drain(..));
+            text.append(&mut doc);
             out.push(Entry {
                 name,
                 text: text.join("\n"),

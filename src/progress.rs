@@ -80,7 +80,7 @@ pub fn update(step: u64, loss: f64, lr: f64, tokens_per_s: f64, extra: &str) {
     }
     // Plain lines: about every 5 % of the run and at its end, at most one per second.
     let every = (s.total / 20).max(1);
-    let due = step == s.total || step % every == 0 || step == s.first_step + 1;
+    let due = step == s.total || step.is_multiple_of(every) || step == s.first_step + 1;
     let spaced = s
         .last_line
         .map(|t| t.elapsed().as_secs_f64() >= 1.0)

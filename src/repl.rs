@@ -12,7 +12,7 @@ use rustyline::error::ReadlineError;
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter, Validator};
 use std::collections::HashSet;
 use std::io::{BufRead, IsTerminal};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -217,7 +217,7 @@ pub fn pretty(
                     )
                 }
             } else {
-                entries.sort_by(|a, b| key_string(&a.0).cmp(&key_string(&b.0)));
+                entries.sort_by_key(|a| key_string(&a.0));
                 let pad = "  ".repeat(depth + 1);
                 let items: Vec<String> = entries
                     .iter()

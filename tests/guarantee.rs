@@ -428,7 +428,7 @@ fn save_every_writes_periodic_checkpoints() {
     child.wait().unwrap();
     let m = ckpt_meta(&d.ckpt());
     assert_eq!(m["reason"], "periodic");
-    assert!(m["step"].as_u64().unwrap() % 4 == 0 && m["step"].as_u64().unwrap() >= 8);
+    assert!(m["step"].as_u64().unwrap().is_multiple_of(4) && m["step"].as_u64().unwrap() >= 8);
 }
 
 #[test]

@@ -17,11 +17,19 @@ fn tiny_recipe_trains_on_the_shipped_sample() {
     let metrics = std::fs::read_to_string(d.join("ckpt/metrics.jsonl")).unwrap();
     let val: Vec<f64> = metrics
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert!(val[0] > 5.0, "starts near ln 257: {val:?}");
     assert!(*val.last().unwrap() < 3.2, "falls within 60 steps: {val:?}");
-    assert!(stdout(&o).lines().count() >= 2, "prints a generated sample: {}", stdout(&o));
+    assert!(
+        stdout(&o).lines().count() >= 2,
+        "prints a generated sample: {}",
+        stdout(&o)
+    );
     let m = ckpt_meta(&d.join("ckpt/full_model.ckpt"));
     assert_eq!(m["step"], 60);
     assert_eq!(m["reason"], "completed");

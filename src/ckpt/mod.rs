@@ -72,10 +72,10 @@ pub fn sweep_stale(path: &Path) -> Vec<PathBuf> {
         else {
             continue;
         };
-        if pid == std::process::id() as i32 || !process_alive(pid) {
-            if std::fs::remove_file(entry.path()).is_ok() {
-                removed.push(entry.path());
-            }
+        if (pid == std::process::id() as i32 || !process_alive(pid))
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed.push(entry.path());
         }
     }
     removed

@@ -354,7 +354,7 @@ impl RecordReader {
         };
         if let Some(wanted) = &self.subsets {
             let subset = subset_of(&row);
-            if !wanted.iter().any(|w| *w == subset) {
+            if !wanted.contains(&subset) {
                 return Ok(None);
             }
         }

@@ -69,11 +69,6 @@ pub fn clear() {
     LAST_SIGNAL.store(0, Ordering::SeqCst);
 }
 
-/// Ask to stop from inside the program (a case's timeout in `wick test`).
-pub fn request_stop() {
-    STOP.store(true, Ordering::SeqCst);
-}
-
 pub fn set_saving(on: bool) {
     SAVING.store(on, Ordering::SeqCst);
 }

@@ -324,22 +324,6 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         .reshape((b, h * rep, t, d))
 }
 
-/// Tensors of a model in f32 on the CPU, by name (for checkpoints and exports).
-pub fn params_to_cpu(model: &Llama) -> Result<BTreeMap<String, Tensor>> {
-    model
-        .params
-        .iter()
-        .map(|(k, v)| {
-            Ok((
-                k.clone(),
-                v.as_tensor()
-                    .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?,
-            ))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! global gradient norm. Torch7's optim is the model: state is data.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -126,18 +126,4 @@ impl AdamW {
         }
         Ok(UpdateStats { grad_norm })
     }
-}
-
-/// Gradient of every parameter, for tests and inspection.
-pub fn grads_by_name(
-    params: &BTreeMap<String, Var>,
-    grads: &GradStore,
-) -> Result<BTreeMap<String, Tensor>> {
-    let mut out = BTreeMap::new();
-    for (name, var) in params {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            out.insert(name.clone(), g.clone());
-        }
-    }
-    Ok(out)
 }
