@@ -121,6 +121,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        what: TokenizerCommand,
+    },
     /// Benchmarks that print numbers (one JSON line each).
     Bench {
         #[command(subcommand)]
@@ -132,6 +137,23 @@ enum Command {
         /// Write a Hugging Face Llama directory (config.json + model.safetensors).
         #[arg(long, value_name = "DIR")]
         hf: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE on local data: wick tokenizer train --vocab N --out tok.json SOURCES...
+    Train {
+        #[arg(long)]
+        vocab: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop reading after this many MB of text.
+        #[arg(long, default_value_t = 200)]
+        max_mb: u64,
+        /// Files or directories (.txt, .jsonl, .jsonl.zst).
+        #[arg(required = true)]
+        sources: Vec<String>,
     },
 }
 
@@ -213,6 +235,18 @@ fn main() -> ExitCode {
             device,
             result,
         } => regress::run_case(&file, &case, &ckpt_dir, seed, bless, &device, &result),
+        Command::Tokenizer { what: TokenizerCommand::Train { vocab, out, max_mb, sources } } => {
+            match data::train_tokenizer::train(vocab, &out, &sources, max_mb << 20) {
+                Ok(msg) => {
+                    eprintln!("wick: {msg}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    1
+                }
+            }
+        }
         Command::Bench { what } => {
             let results: Vec<Result<serde_json::Value, String>> = match what {
                 BenchCommand::Train {

@@ -1,6 +1,7 @@
 //! SlimPajama layout, subset mixtures, phases with exact resume, and bad data.
 mod common;
 use common::*;
+use std::process::Command;
 
 fn row(text: &str, meta: Option<serde_json::Value>) -> String {
     let mut v = serde_json::json!({ "text": text });
@@ -299,4 +300,40 @@ fn slimpajama_recipe_quick_mode_trains_and_logs() {
     assert_eq!(rows[2]["phase"], "cool-down");
     assert!(rows[2]["val_loss"].as_f64().unwrap() < rows[0]["val_loss"].as_f64().unwrap() + 0.5);
     assert_eq!(ckpt_meta(&d.ckpt())["reason"], "completed");
+}
+
+#[test]
+fn bpe_tokenizer_trains_deterministically_and_drives_a_model() {
+    let d = Dir::new();
+    d.corpus("corpus/a.jsonl", 300);
+    let train = |out: &str| {
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["tokenizer", "train", "--vocab", "300", "--out", out, "corpus"])
+            .output()
+            .unwrap()
+    };
+    let o = train("tok.json");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&train("tok2.json")), 0);
+    assert_eq!(std::fs::read(d.join("tok.json")).unwrap(), std::fs::read(d.join("tok2.json")).unwrap(), "same data, same bytes");
+    let r = "local tok = wick.tokenizer.load('tok.json')\nprint(tok.vocab, tok.eod, tok:decode(tok:encode('the quick brown fox')))\n\
+local model = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16, tokenizer = tok }\n\
+local session = wick.session{ model = model }\n\
+local l = wick.data.loader{ source = wick.data.jsonl{ 'corpus' }, batch = 2, seq_len = 16, tokenizer = tok }\n\
+for step in session:steps(3) do session:step(l:next()) end\nprint(model.vocab)\n";
+    d.write("r.lua", r);
+    let o = d.run("r.lua", &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("300\t0\tthe quick brown fox\n"), "{out}");
+    assert!(out.ends_with("300\n"), "{out}");
+    // A byte-level model fed BPE tokens: a clear error, not a crash.
+    d.write("bad.lua", "local tok = wick.tokenizer.load('tok.json')\nlocal model = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }\nlocal s = wick.session{ model = model }\nlocal l = wick.data.loader{ source = wick.data.jsonl{ 'corpus' }, batch = 2, seq_len = 16, tokenizer = tok }\nfor i = 1, 20 do s:step(l:next()) end\n");
+    let o = d.run("bad.lua", &[]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("outside the model's vocabulary") || stderr(&o).contains("must match the tokenizer"), "{}", stderr(&o));
+    let o = Command::new(wick_bin()).current_dir(d.path()).args(["tokenizer", "train", "--vocab", "10", "--out", "x.json", "corpus"]).output().unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("too small"));
 }

@@ -6,6 +6,7 @@ pub mod slimpajama;
 pub mod source;
 pub mod stream;
 pub mod tokenizer;
+pub mod train_tokenizer;
 
 pub use loader::{Loader, LoaderCursor, LoaderSpec, NextError};
 pub use source::{FileEntry, OnBad, SourceSpec};
