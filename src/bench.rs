@@ -209,3 +209,70 @@ pub fn ckpt(dir: &Path, mb: usize, reps: usize) -> Result<serde_json::Value, Str
         "reps": reps,
     }))
 }
+
+/// Data path throughput: read + decompress + parse + tokenize + pack, against raw zstd
+/// decompression of the same files (the limit), over one pass of the data.
+pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::Value, String> {
+    use crate::data::source::{discover, is_data_file};
+    use crate::data::{Loader, LoaderSpec, OnBad, SourceSpec, Tokenizer};
+    let files = discover(sources, &is_data_file)?;
+    // The limit: decompress every file once (plain files are just read).
+    let t0 = Instant::now();
+    let mut raw_bytes = 0u64;
+    for f in &files {
+        let file = std::fs::File::open(&f.path).map_err(|e| format!("{}: {e}", f.path))?;
+        raw_bytes += if f.path.ends_with(".zst") {
+            let mut dec = zstd::stream::read::Decoder::new(file).map_err(|e| e.to_string())?;
+            std::io::copy(&mut dec, &mut std::io::sink()).map_err(|e| format!("{}: {e}", f.path))?
+        } else {
+            std::io::copy(&mut std::io::BufReader::new(file), &mut std::io::sink()).map_err(|e| e.to_string())?
+        };
+    }
+    let raw_s = t0.elapsed().as_secs_f64();
+    let mut out = serde_json::json!({
+        "files": files.len(),
+        "decompressed_mb": (raw_bytes as f64 / 1e6 * 10.0).round() / 10.0,
+        "raw_decompress_mb_s": (raw_bytes as f64 / 1e6 / raw_s).round(),
+    });
+    let mut toks: Vec<(String, Tokenizer)> = vec![("bytes".into(), Tokenizer::Bytes)];
+    if let Some(p) = tokenizer {
+        toks.push(("bpe".into(), Tokenizer::load(p)?));
+    }
+    for (label, tok) in toks {
+        let spec = SourceSpec {
+            files: files.clone(),
+            field: "text".into(),
+            shuffle: false,
+            seed: 0,
+            on_bad_row: OnBad::Skip,
+            on_bad_file: OnBad::Error,
+            subsets: None,
+        };
+        let lspec = LoaderSpec {
+            name: "bench".into(),
+            sources: vec![("bench".into(), Arc::new(spec), 1.0)],
+            batch: 16,
+            seq_len: 256,
+            seed: 0,
+            prefetch: 8,
+        };
+        let mut loader = Loader::new(lspec, Arc::new(tok), None);
+        let t0 = Instant::now();
+        let mut tokens = 0u64;
+        loop {
+            let (w, cursor) = loader.next(&|| false).map_err(|e| match e {
+                crate::data::NextError::Data(m) => m,
+                crate::data::NextError::Interrupted => "interrupted".into(),
+            })?;
+            tokens += w.tokens.len() as u64;
+            if cursor.streams[0].epoch >= 1 {
+                break;
+            }
+        }
+        let s = t0.elapsed().as_secs_f64();
+        out[format!("{label}_pipeline_mb_s")] = (raw_bytes as f64 / 1e6 / s).round().into();
+        out[format!("{label}_tokens_per_s")] = (tokens as f64 / s).round().into();
+        out[format!("{label}_ratio_to_raw_decompress")] = ((raw_s / s) * 1000.0).round().div_euclid(1.0).mul_add(0.001, 0.0).into();
+    }
+    Ok(out)
+}

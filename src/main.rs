@@ -171,6 +171,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         batch: usize,
     },
+    /// Data path speed (read, decompress, parse, tokenize, pack) against raw decompression.
+    Data {
+        /// Files or directories.
+        #[arg(default_value = "data/sample/train")]
+        sources: Vec<String>,
+        /// Also measure this tokenizer.json (BPE).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
     /// Checkpoint write speed against a plain write + fsync of the same bytes.
     Ckpt {
         #[arg(long, default_value = "checkpoints")]
@@ -259,6 +268,7 @@ fn main() -> ExitCode {
                     .map(|c| bench::train(c.trim(), steps, warmup, batch))
                     .collect(),
                 BenchCommand::Ckpt { dir, mb, reps } => vec![bench::ckpt(&dir, mb, reps)],
+                BenchCommand::Data { sources, tokenizer } => vec![bench::data(&sources, tokenizer.as_deref())],
             };
             let mut code = 0;
             for r in results {
