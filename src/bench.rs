@@ -225,7 +225,8 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
             let mut dec = zstd::stream::read::Decoder::new(file).map_err(|e| e.to_string())?;
             std::io::copy(&mut dec, &mut std::io::sink()).map_err(|e| format!("{}: {e}", f.path))?
         } else {
-            std::io::copy(&mut std::io::BufReader::new(file), &mut std::io::sink()).map_err(|e| e.to_string())?
+            std::io::copy(&mut std::io::BufReader::new(file), &mut std::io::sink())
+                .map_err(|e| e.to_string())?
         };
     }
     let raw_s = t0.elapsed().as_secs_f64();
@@ -247,6 +248,7 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
             on_bad_row: OnBad::Skip,
             on_bad_file: OnBad::Error,
             subsets: None,
+            shard_tokenizer: None,
         };
         let lspec = LoaderSpec {
             name: "bench".into(),
@@ -272,7 +274,11 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
         let s = t0.elapsed().as_secs_f64();
         out[format!("{label}_pipeline_mb_s")] = (raw_bytes as f64 / 1e6 / s).round().into();
         out[format!("{label}_tokens_per_s")] = (tokens as f64 / s).round().into();
-        out[format!("{label}_ratio_to_raw_decompress")] = ((raw_s / s) * 1000.0).round().div_euclid(1.0).mul_add(0.001, 0.0).into();
+        out[format!("{label}_ratio_to_raw_decompress")] = ((raw_s / s) * 1000.0)
+            .round()
+            .div_euclid(1.0)
+            .mul_add(0.001, 0.0)
+            .into();
     }
     Ok(out)
 }

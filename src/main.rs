@@ -121,6 +121,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Data tools.
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -137,6 +142,20 @@ enum Command {
         /// Write a Hugging Face Llama directory (config.json + model.safetensors).
         #[arg(long, value_name = "DIR")]
         hf: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize sources in parallel into token shards (u16/u32) with a per-document index.
+    Prepare {
+        /// A tokenizer.json, or "bytes" for the byte-level tokenizer.
+        #[arg(long, default_value = "bytes")]
+        tokenizer: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        sources: Vec<String>,
     },
 }
 
@@ -244,8 +263,20 @@ fn main() -> ExitCode {
             device,
             result,
         } => regress::run_case(&file, &case, &ckpt_dir, seed, bless, &device, &result),
-        Command::Tokenizer { what: TokenizerCommand::Train { vocab, out, max_mb, sources } } => {
-            match data::train_tokenizer::train(vocab, &out, &sources, max_mb << 20) {
+        Command::Data {
+            what:
+                DataCommand::Prepare {
+                    tokenizer,
+                    out,
+                    sources,
+                },
+        } => {
+            let tok = if tokenizer == "bytes" {
+                Ok(data::Tokenizer::Bytes)
+            } else {
+                data::Tokenizer::load(std::path::Path::new(&tokenizer))
+            };
+            match tok.and_then(|t| data::shards::prepare(&t, &out, &sources)) {
                 Ok(msg) => {
                     eprintln!("wick: {msg}");
                     0
@@ -256,6 +287,24 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Tokenizer {
+            what:
+                TokenizerCommand::Train {
+                    vocab,
+                    out,
+                    max_mb,
+                    sources,
+                },
+        } => match data::train_tokenizer::train(vocab, &out, &sources, max_mb << 20) {
+            Ok(msg) => {
+                eprintln!("wick: {msg}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
         Command::Bench { what } => {
             let results: Vec<Result<serde_json::Value, String>> = match what {
                 BenchCommand::Train {
@@ -268,7 +317,9 @@ fn main() -> ExitCode {
                     .map(|c| bench::train(c.trim(), steps, warmup, batch))
                     .collect(),
                 BenchCommand::Ckpt { dir, mb, reps } => vec![bench::ckpt(&dir, mb, reps)],
-                BenchCommand::Data { sources, tokenizer } => vec![bench::data(&sources, tokenizer.as_deref())],
+                BenchCommand::Data { sources, tokenizer } => {
+                    vec![bench::data(&sources, tokenizer.as_deref())]
+                }
             };
             let mut code = 0;
             for r in results {

@@ -159,9 +159,32 @@ end
 
 #[test]
 fn phases_change_mix_and_shape_and_resume_bit_identically() {
+    phases_resume(PHASES, false);
+    // The same over prepared token shards (cursors are document indices there).
+    phases_resume(
+        &PHASES.replace(
+            "wick.data.slimpajama{ root = 'sp',",
+            "wick.data.shards{ 'shards',",
+        ),
+        true,
+    );
+}
+
+fn phases_resume(recipe: &str, shards: bool) {
+    let prepare = |d: &Dir| {
+        if shards {
+            let o = Command::new(wick_bin())
+                .current_dir(d.path())
+                .args(["data", "prepare", "--out", "shards", "sp/train"])
+                .output()
+                .unwrap();
+            assert_eq!(code(&o), 0);
+        }
+    };
     let straight = Dir::new();
     tree(&straight);
-    straight.write("p.lua", PHASES);
+    prepare(&straight);
+    straight.write("p.lua", recipe);
     let o = straight.run("p.lua", &[]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(ckpt_meta(&straight.ckpt())["step"], 12);
@@ -169,7 +192,8 @@ fn phases_change_mix_and_shape_and_resume_bit_identically() {
     for k in [4, 6, 9] {
         let d = Dir::new();
         tree(&d);
-        d.write("p.lua", PHASES);
+        prepare(&d);
+        d.write("p.lua", recipe);
         let o = d.run("p.lua", &["--", &k.to_string()]);
         assert_eq!(code(&o), 130, "{}", stderr(&o));
         assert_eq!(ckpt_meta(&d.ckpt())["step"], k - 1);
@@ -309,14 +333,26 @@ fn bpe_tokenizer_trains_deterministically_and_drives_a_model() {
     let train = |out: &str| {
         Command::new(wick_bin())
             .current_dir(d.path())
-            .args(["tokenizer", "train", "--vocab", "300", "--out", out, "corpus"])
+            .args([
+                "tokenizer",
+                "train",
+                "--vocab",
+                "300",
+                "--out",
+                out,
+                "corpus",
+            ])
             .output()
             .unwrap()
     };
     let o = train("tok.json");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(code(&train("tok2.json")), 0);
-    assert_eq!(std::fs::read(d.join("tok.json")).unwrap(), std::fs::read(d.join("tok2.json")).unwrap(), "same data, same bytes");
+    assert_eq!(
+        std::fs::read(d.join("tok.json")).unwrap(),
+        std::fs::read(d.join("tok2.json")).unwrap(),
+        "same data, same bytes"
+    );
     let r = "local tok = wick.tokenizer.load('tok.json')\nprint(tok.vocab, tok.eod, tok:decode(tok:encode('the quick brown fox')))\n\
 local model = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16, tokenizer = tok }\n\
 local session = wick.session{ model = model }\n\
@@ -332,8 +368,100 @@ for step in session:steps(3) do session:step(l:next()) end\nprint(model.vocab)\n
     d.write("bad.lua", "local tok = wick.tokenizer.load('tok.json')\nlocal model = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }\nlocal s = wick.session{ model = model }\nlocal l = wick.data.loader{ source = wick.data.jsonl{ 'corpus' }, batch = 2, seq_len = 16, tokenizer = tok }\nfor i = 1, 20 do s:step(l:next()) end\n");
     let o = d.run("bad.lua", &[]);
     assert_eq!(code(&o), 1);
-    assert!(stderr(&o).contains("outside the model's vocabulary") || stderr(&o).contains("must match the tokenizer"), "{}", stderr(&o));
-    let o = Command::new(wick_bin()).current_dir(d.path()).args(["tokenizer", "train", "--vocab", "10", "--out", "x.json", "corpus"]).output().unwrap();
+    assert!(
+        stderr(&o).contains("outside the model's vocabulary")
+            || stderr(&o).contains("must match the tokenizer"),
+        "{}",
+        stderr(&o)
+    );
+    let o = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args([
+            "tokenizer",
+            "train",
+            "--vocab",
+            "10",
+            "--out",
+            "x.json",
+            "corpus",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("too small"));
+}
+
+#[test]
+fn prepared_shards_are_deterministic_and_stream_the_same_tokens() {
+    let d = Dir::new();
+    tree(&d);
+    let prep = |out: &str| {
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["data", "prepare", "--out", out, "sp/train"])
+            .output()
+            .unwrap()
+    };
+    let o = prep("shards");
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stderr(&o).contains("(u16)"), "{}", stderr(&o));
+    assert_eq!(code(&prep("shards2")), 0);
+    for f in [
+        "index.json",
+        "shard_00000.bin",
+        "shard_00000.idx",
+        "shard_00004.bin",
+    ] {
+        assert_eq!(
+            std::fs::read(d.join("shards").join(f)).unwrap(),
+            std::fs::read(d.join("shards2").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // The shards stream exactly the tokens the jsonl files do.
+    let dump = "local function dump(l, n) local out = {} for i = 1, n do local b = l:next() for r = 1, b.size do out[#out + 1] = table.concat(b:tokens(r), ',') end end return table.concat(out, ';') end\n";
+    d.write(
+        "same.lua",
+        &format!("{dump}local a = wick.data.loader{{ source = wick.data.slimpajama{{ root = 'sp' }}, batch = 3, seq_len = 40 }}\nlocal b = wick.data.loader{{ source = wick.data.shards{{ 'shards' }}, batch = 3, seq_len = 40 }}\nprint(dump(a, 200) == dump(b, 200))\n"),
+    );
+    let o = d.run("same.lua", &[]);
+    assert_eq!(stdout(&o).trim(), "true", "{}", stderr(&o));
+    // Subsets survive in shards: a Github-only mixture sees only 'b' rows.
+    d.write("mix.lua", &format!("{COUNT}\nlocal l = wick.data.loader{{ source = wick.data.shards{{ 'shards', mix = {{ Github = 1, Book = 0 }} }}, batch = 2, seq_len = 16 }}\nprint(count(l, 30))\n"));
+    let o = d.run("mix.lua", &[]);
+    assert_eq!(
+        shares(&stdout(&o)),
+        vec![0.0, 1.0, 0.0, 0.0],
+        "{}",
+        stderr(&o)
+    );
+    // A loader with another tokenizer than the shards' is refused.
+    d.corpus("c.jsonl", 200);
+    let o = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args([
+            "tokenizer",
+            "train",
+            "--vocab",
+            "280",
+            "--out",
+            "tok.json",
+            "c.jsonl",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0);
+    d.write("tok.lua", "local l = wick.data.loader{ source = wick.data.shards{ 'shards' }, tokenizer = wick.tokenizer.load('tok.json') }\n");
+    let o = d.run("tok.lua", &[]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("were prepared with tokenizer bytes"),
+        "{}",
+        stderr(&o)
+    );
+    let o = d.run("nope.lua", &[]);
+    assert_eq!(code(&o), 2);
+    d.write("missing.lua", "local s = wick.data.shards{ 'sp' }\n");
+    let o = d.run("missing.lua", &[]);
+    assert!(stderr(&o).contains("wick data prepare"), "{}", stderr(&o));
 }

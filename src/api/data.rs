@@ -285,6 +285,7 @@ fn make_source(lua: &Lua, func: &'static str, options: Value) -> mlua::Result<So
         on_bad_row,
         on_bad_file: on_bad(&o, "on_bad_file")?,
         subsets: o.strings("subsets")?,
+        shard_tokenizer: None,
     };
     let name = o.string("name")?.unwrap_or_else(|| paths.join(","));
     Ok(SourceHandle {
@@ -321,6 +322,7 @@ pub fn table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set("mix", lua.create_function(mix)?)?;
     t.set("slimpajama", lua.create_function(slimpajama)?)?;
+    t.set("shards", lua.create_function(shards)?)?;
     t.set("loader", lua.create_function(loader)?)?;
     Ok(t)
 }
@@ -405,6 +407,16 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
             ))
         }
     };
+    for (n, spec, _) in &sources {
+        if let Some(id) = &spec.shard_tokenizer {
+            if *id != tokenizer.identity() {
+                return Err(mlua::Error::runtime(format!(
+                    "wick.data.loader: shards {n} were prepared with tokenizer {id}, but this loader uses {}; pass the same tokenizer (tokenizer = wick.tokenizer.load(...))",
+                    tokenizer.identity()
+                )));
+            }
+        }
+    }
     let batch = o.usize("batch")?.unwrap_or(16);
     let seq_len = o.usize("seq_len")?.unwrap_or(128);
     if batch == 0 || seq_len == 0 {
@@ -592,15 +604,27 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
         on_bad_row: on_bad(&o, "on_bad_row")?,
         on_bad_file: on_bad(&o, "on_bad_file")?,
         subsets,
+        shard_tokenizer: None,
     };
     let name = format!("{root}/{split}");
-    match o.value("mix")? {
+    by_subset(lua, "wick.data.slimpajama", name, base, o.value("mix")?)
+}
+
+/// A source, or with `mix` a mixture of one stream per subset (each reading the same files
+/// filtered to its subset), weighted.
+fn by_subset(
+    lua: &Lua,
+    func: &str,
+    name: String,
+    base: SourceSpec,
+    mix: Value,
+) -> mlua::Result<Value> {
+    match mix {
         Value::Nil => Ok(Value::UserData(lua.create_userdata(SourceHandle {
             name,
             spec: Arc::new(base),
         })?)),
         Value::Table(t) => {
-            // One stream per subset, each reading the same files filtered to its subset.
             let mut parts = Vec::new();
             for pair in t.pairs::<String, Value>() {
                 let (k, v) = pair?;
@@ -610,13 +634,13 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
                     Value::Number(n) => n,
                     _ => {
                         return Err(mlua::Error::runtime(format!(
-                            "mix weight of '{k}' must be a number"
+                            "{func}: mix weight of '{k}' must be a number"
                         )))
                     }
                 };
                 if !(w.is_finite() && w >= 0.0) {
                     return Err(mlua::Error::runtime(format!(
-                        "mix weight of '{k}' must be a non-negative number, got {w}"
+                        "{func}: mix weight of '{k}' must be a non-negative number, got {w}"
                     )));
                 }
                 let mut spec = base.clone();
@@ -625,14 +649,66 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
             }
             parts.sort_by(|a, b| a.0.cmp(&b.0));
             if parts.iter().all(|(_, _, w)| *w == 0.0) {
-                return Err(mlua::Error::runtime(
-                    "wick.data.slimpajama: mix needs at least one subset with a positive weight",
-                ));
+                return Err(mlua::Error::runtime(format!(
+                    "{func}: mix needs at least one subset with a positive weight"
+                )));
             }
             Ok(Value::UserData(lua.create_userdata(MixHandle(parts))?))
         }
-        _ => Err(mlua::Error::runtime(
-            "option 'mix' of wick.data.slimpajama must map subset names to weights",
-        )),
+        _ => Err(mlua::Error::runtime(format!(
+            "option 'mix' of {func} must map subset names to weights"
+        ))),
     }
+}
+
+const SHARDS_KEYS: &[&str] = &["subsets", "mix", "shuffle", "seed"];
+
+/// `wick.data.shards{ "DIR", mix = {...} }`: token shards from `wick data prepare`, read by mmap.
+fn shards(lua: &Lua, options: Value) -> mlua::Result<Value> {
+    check_stop()?;
+    let options = match options {
+        Value::String(s) => {
+            let t = lua.create_table()?;
+            t.raw_set(1, s)?;
+            Value::Table(t)
+        }
+        other => other,
+    };
+    let o = Opts::new(
+        "wick.data.shards",
+        table_arg("wick.data.shards", options)?,
+        SHARDS_KEYS,
+        true,
+    )?;
+    let dirs = o.positional_strings()?;
+    let [dir] = dirs.as_slice() else {
+        return Err(mlua::Error::runtime(
+            "wick.data.shards takes one directory: wick.data.shards{ \"shards/train\" }",
+        ));
+    };
+    let (index, files) = crate::data::shards::shard_files(Path::new(dir))
+        .map_err(|e| mlua::Error::runtime(format!("wick.data.shards: {e}")))?;
+    let subsets = match o.strings("subsets")? {
+        Some(list) => Some(
+            list.iter()
+                .map(|s| subset_name(s))
+                .collect::<mlua::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    let seed = match o.usize("seed")? {
+        Some(s) => s as u64,
+        None => lock(&context(lua)?).opts.seed,
+    };
+    let base = SourceSpec {
+        files,
+        field: "text".into(),
+        shuffle: o.bool("shuffle")?.unwrap_or(false),
+        seed,
+        on_bad_row: OnBad::Skip,
+        on_bad_file: OnBad::Error,
+        subsets,
+        shard_tokenizer: Some(index.tokenizer),
+    };
+    by_subset(lua, "wick.data.shards", dir.clone(), base, o.value("mix")?)
 }

@@ -58,6 +58,9 @@ pub struct SourceSpec {
     pub on_bad_file: OnBad,
     /// Keep only rows whose `meta.redpajama_set_name` is in this list (None: all rows).
     pub subsets: Option<Vec<String>>,
+    /// For token shards: the identity of the tokenizer they were prepared with.
+    #[serde(default)]
+    pub shard_tokenizer: Option<String>,
 }
 
 /// Where a stream stands. `offset`/`line` locate the record being consumed (in the decompressed
@@ -185,9 +188,47 @@ pub fn is_data_file(path: &Path) -> bool {
 pub struct Record {
     pub offset: u64,
     pub line: u64,
-    pub text: String,
+    pub payload: Payload,
     /// The record ends a document (every JSON row; the last block of a text file).
     pub end_of_doc: bool,
+    /// SlimPajama subset of the row (`unknown` when it has none).
+    pub subset: String,
+}
+
+pub enum Payload {
+    Text(String),
+    /// Pre-tokenized (from shards), end-of-document token included.
+    Tokens(Vec<u32>),
+}
+
+/// Anything that yields records from a position: text/JSON files, or token shards.
+pub trait Records: Send {
+    fn next_record(&mut self) -> Result<Option<Record>, String>;
+}
+
+/// Open the reader that fits the file: token shards (`.bin`) or text/JSON files.
+pub fn open_records(
+    spec: &SourceSpec,
+    file: &FileEntry,
+    offset: u64,
+    line: u64,
+    stats: Arc<Mutex<DataStats>>,
+) -> Result<Box<dyn Records>, String> {
+    if file.path.ends_with(".bin") {
+        Ok(Box::new(super::shards::ShardReader::open(
+            spec, file, line, stats,
+        )?))
+    } else {
+        Ok(Box::new(RecordReader::open(
+            spec, file, offset, line, stats,
+        )?))
+    }
+}
+
+impl Records for RecordReader {
+    fn next_record(&mut self) -> Result<Option<Record>, String> {
+        RecordReader::next_record(self)
+    }
 }
 
 /// Reads the records of one file from a given position.
@@ -276,8 +317,9 @@ impl RecordReader {
                     return Ok(Some(Record {
                         offset: start,
                         line: line_no,
-                        text,
+                        payload: Payload::Text(text),
                         end_of_doc: at_end,
+                        subset: "unknown".into(),
                     }));
                 }
                 _ => {
@@ -289,13 +331,14 @@ impl RecordReader {
                     self.parse_row(start, line_no)?
                 }
             };
-            if let Some(text) = text {
+            if let Some((text, subset)) = text {
                 self.stats_mut().rows += 1;
                 return Ok(Some(Record {
                     offset: start,
                     line: line_no,
-                    text,
+                    payload: Payload::Text(text),
                     end_of_doc: true,
+                    subset,
                 }));
             }
         }
@@ -322,7 +365,7 @@ impl RecordReader {
     }
 
     /// Text of a JSON row; None when the row is skipped (blank, bad, filtered out).
-    fn parse_row(&mut self, start: u64, line_idx: u64) -> Result<Option<String>, String> {
+    fn parse_row(&mut self, start: u64, line_idx: u64) -> Result<Option<(String, String)>, String> {
         let mut bytes: &[u8] = &self.buf;
         if start == 0 {
             bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
@@ -352,8 +395,8 @@ impl RecordReader {
             }
             None => return self.bad_row(line_no, &format!("no field '{}'", self.spec_field)),
         };
+        let subset = subset_of(&row);
         if let Some(wanted) = &self.subsets {
-            let subset = subset_of(&row);
             if !wanted.contains(&subset) {
                 return Ok(None);
             }
@@ -362,10 +405,10 @@ impl RecordReader {
             self.stats_mut().empty_rows += 1;
             return Ok(None);
         }
-        Ok(Some(text.clone()))
+        Ok(Some((text.clone(), subset)))
     }
 
-    fn bad_row(&mut self, line_no: u64, why: &str) -> Result<Option<String>, String> {
+    fn bad_row(&mut self, line_no: u64, why: &str) -> Result<Option<(String, String)>, String> {
         let msg = format!("{}:{line_no}: {why}", self.path);
         if self.on_bad_row == OnBad::Error {
             return Err(format!(

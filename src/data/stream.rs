@@ -2,7 +2,9 @@
 //! Its cursor names the exact next token, so a copy built from a saved cursor continues
 //! bit-identically.
 
-use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL};
+use super::source::{
+    open_records, FileEntry, OnBad, Payload, Records, SourceSpec, StreamCursor, FATAL,
+};
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use crate::rng::Rng;
@@ -14,7 +16,7 @@ pub struct TokenStream {
     stats: Arc<Mutex<DataStats>>,
     pub cursor: StreamCursor,
     order: Vec<usize>,
-    reader: Option<RecordReader>,
+    reader: Option<Box<dyn Records>>,
     /// Tokens of the record at the cursor; cursor.token of them are taken.
     pending: Vec<u32>,
     /// The cursor's record has not been re-read yet (fresh stream or resumed one).
@@ -71,7 +73,7 @@ impl TokenStream {
                     self.wrap_epoch()?;
                 }
                 let entry: &FileEntry = &self.spec.files[self.order[self.cursor.file]];
-                match RecordReader::open(
+                match open_records(
                     &self.spec,
                     entry,
                     self.cursor.offset,
@@ -101,9 +103,14 @@ impl TokenStream {
                         0
                     };
                     self.pending.clear();
-                    self.tokenizer.encode_into(&rec.text, &mut self.pending)?;
-                    if rec.end_of_doc {
-                        self.pending.push(self.tokenizer.eod());
+                    match rec.payload {
+                        Payload::Text(text) => {
+                            self.tokenizer.encode_into(&text, &mut self.pending)?;
+                            if rec.end_of_doc {
+                                self.pending.push(self.tokenizer.eod());
+                            }
+                        }
+                        Payload::Tokens(tokens) => self.pending = tokens,
                     }
                     self.cursor.offset = rec.offset;
                     self.cursor.line = rec.line;

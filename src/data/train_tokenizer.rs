@@ -13,7 +13,12 @@ use tokenizers::{AddedToken, TokenizerBuilder, TokenizerImpl};
 
 pub const EOD_TOKEN: &str = "<|endoftext|>";
 
-pub fn train(vocab: usize, out: &Path, sources: &[String], max_bytes: u64) -> Result<String, String> {
+pub fn train(
+    vocab: usize,
+    out: &Path,
+    sources: &[String],
+    max_bytes: u64,
+) -> Result<String, String> {
     if vocab < 258 {
         return Err(format!("--vocab {vocab} is too small: a byte-level BPE needs at least 258 (256 bytes, end-of-document, one merge)"));
     }
@@ -26,6 +31,7 @@ pub fn train(vocab: usize, out: &Path, sources: &[String], max_bytes: u64) -> Re
         on_bad_row: OnBad::Skip,
         on_bad_file: OnBad::Error,
         subsets: None,
+        shard_tokenizer: None,
     };
     let stats = Arc::new(Mutex::new(DataStats::default()));
     let mut texts = Vec::new();
@@ -33,8 +39,11 @@ pub fn train(vocab: usize, out: &Path, sources: &[String], max_bytes: u64) -> Re
     'files: for f in &files {
         let mut r = RecordReader::open(&spec, f, 0, 0, stats.clone())?;
         while let Some(rec) = r.next_record()? {
-            bytes += rec.text.len() as u64;
-            texts.push(rec.text);
+            let super::source::Payload::Text(text) = rec.payload else {
+                continue;
+            };
+            bytes += text.len() as u64;
+            texts.push(text);
             if bytes >= max_bytes {
                 break 'files;
             }
@@ -50,19 +59,25 @@ pub fn train(vocab: usize, out: &Path, sources: &[String], max_bytes: u64) -> Re
         .special_tokens(vec![AddedToken::from(EOD_TOKEN.to_string(), true)])
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-        .with_post_processor(Some(ByteLevel::new(false, true, true)))
-        .with_decoder(Some(ByteLevel::new(false, true, true)))
-        .build()
-        .map_err(|e| format!("cannot build the tokenizer: {e}"))?;
-    tokenizer.train(&mut trainer, texts.iter()).map_err(|e| format!("tokenizer training failed: {e}"))?;
+    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
+        TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_post_processor(Some(ByteLevel::new(false, true, true)))
+            .with_decoder(Some(ByteLevel::new(false, true, true)))
+            .build()
+            .map_err(|e| format!("cannot build the tokenizer: {e}"))?;
+    tokenizer
+        .train(&mut trainer, texts.iter())
+        .map_err(|e| format!("tokenizer training failed: {e}"))?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    tokenizer.save(out, false).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    tokenizer
+        .save(out, false)
+        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     Ok(format!(
         "trained a byte-level BPE with {} tokens on {} documents ({:.1} MB) from {} file(s); saved {}",
         tokenizer.get_vocab_size(true),

@@ -1,0 +1,289 @@
+//! Pre-tokenized shards: `wick data prepare` tokenizes sources in parallel, one shard per input
+//! file: `shard_NNNNN.bin` (tokens, u16 where the vocab fits, else u32, little-endian) and
+//! `shard_NNNNN.idx` (16 bytes per document: start u64, length u32, subset u16, 0u16), plus
+//! `index.json`. Documents keep their subset so mixtures still work; the loader reads shards by
+//! mmap. The same inputs give the same bytes.
+
+use super::slimpajama::SUBSETS;
+use super::source::{
+    discover, is_data_file, FileEntry, OnBad, Payload, Record, RecordReader, Records, SourceSpec,
+};
+use super::tokenizer::Tokenizer;
+use super::DataStats;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const DOC_BYTES: usize = 16;
+
+#[derive(Serialize, Deserialize)]
+pub struct ShardIndex {
+    pub format: String,
+    pub tokenizer: String,
+    pub vocab: usize,
+    pub eod: u32,
+    /// "u16" or "u32"
+    pub dtype: String,
+    pub subsets: Vec<String>,
+    pub shards: Vec<ShardInfo>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub bin: String,
+    pub source: String,
+    pub docs: u64,
+    pub tokens: u64,
+}
+
+fn subset_id(name: &str) -> u16 {
+    SUBSETS
+        .iter()
+        .position(|s| *s == name)
+        .unwrap_or(SUBSETS.len() - 1) as u16
+}
+
+/// The shard files of a prepared directory, in order, for a source spec.
+pub fn shard_files(dir: &Path) -> Result<(ShardIndex, Vec<FileEntry>), String> {
+    let index = read_index(dir)?;
+    let mut files = Vec::new();
+    for s in &index.shards {
+        let p = dir.join(&s.bin);
+        let size = std::fs::metadata(&p)
+            .map_err(|e| format!("shard {}: {e}", p.display()))?
+            .len();
+        files.push(FileEntry {
+            path: p.to_string_lossy().into_owned(),
+            size,
+        });
+    }
+    if files.is_empty() {
+        return Err(format!("{} holds no shards", dir.display()));
+    }
+    Ok((index, files))
+}
+
+pub fn read_index(dir: &Path) -> Result<ShardIndex, String> {
+    let p = dir.join("index.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| {
+        format!(
+            "cannot read {}: {e} (prepare shards with `wick data prepare`)",
+            p.display()
+        )
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a wick shard index: {e}", p.display()))
+}
+
+/// Tokenize `sources` into shards under `out`. Returns a summary line.
+pub fn prepare(tokenizer: &Tokenizer, out: &Path, sources: &[String]) -> Result<String, String> {
+    let files = discover(sources, &is_data_file)?;
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let wide = tokenizer.vocab_size() > 65536;
+    let spec = SourceSpec {
+        files: files.clone(),
+        field: "text".into(),
+        shuffle: false,
+        seed: 0,
+        on_bad_row: OnBad::Skip,
+        on_bad_file: OnBad::Error,
+        subsets: None,
+        shard_tokenizer: None,
+    };
+    let stats = Arc::new(Mutex::new(DataStats::default()));
+    let results: Vec<Result<ShardInfo, String>> = files
+        .par_iter()
+        .enumerate()
+        .map(|(i, f)| write_shard(tokenizer, &spec, f, out, i, wide, stats.clone()))
+        .collect();
+    let shards = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let index = ShardIndex {
+        format: "wick-shards-1".into(),
+        tokenizer: tokenizer.identity(),
+        vocab: tokenizer.vocab_size(),
+        eod: tokenizer.eod(),
+        dtype: if wide { "u32" } else { "u16" }.into(),
+        subsets: SUBSETS.iter().map(|s| s.to_string()).collect(),
+        shards,
+    };
+    let text = serde_json::to_string_pretty(&index).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("index.json"), text + "\n")
+        .map_err(|e| format!("cannot write index.json: {e}"))?;
+    let docs: u64 = index.shards.iter().map(|s| s.docs).sum();
+    let tokens: u64 = index.shards.iter().map(|s| s.tokens).sum();
+    let bad = stats.lock().map(|s| s.bad_rows).unwrap_or(0);
+    Ok(format!(
+        "prepared {} shard(s) in {}: {docs} documents, {tokens} tokens ({}), {bad} bad rows skipped",
+        index.shards.len(),
+        out.display(),
+        index.dtype
+    ))
+}
+
+fn write_shard(
+    tokenizer: &Tokenizer,
+    spec: &SourceSpec,
+    file: &FileEntry,
+    out: &Path,
+    i: usize,
+    wide: bool,
+    stats: Arc<Mutex<DataStats>>,
+) -> Result<ShardInfo, String> {
+    let bin_name = format!("shard_{i:05}.bin");
+    let bin_path = out.join(&bin_name);
+    let idx_path = out.join(format!("shard_{i:05}.idx"));
+    let mut bin = std::io::BufWriter::new(
+        std::fs::File::create(&bin_path).map_err(|e| format!("{}: {e}", bin_path.display()))?,
+    );
+    let mut idx = std::io::BufWriter::new(
+        std::fs::File::create(&idx_path).map_err(|e| format!("{}: {e}", idx_path.display()))?,
+    );
+    let mut reader = RecordReader::open(spec, file, 0, 0, stats)?;
+    let (mut docs, mut start) = (0u64, 0u64);
+    let mut doc: Vec<u32> = Vec::new();
+    let write_err = |e: std::io::Error| format!("cannot write shard {}: {e}", bin_path.display());
+    while let Some(Record {
+        payload,
+        end_of_doc,
+        subset,
+        ..
+    }) = reader.next_record()?
+    {
+        if let Payload::Text(text) = payload {
+            tokenizer.encode_into(&text, &mut doc)?;
+        }
+        let doc_subset = subset;
+        if !end_of_doc {
+            continue;
+        }
+        doc.push(tokenizer.eod());
+        for &t in &doc {
+            if wide {
+                bin.write_all(&t.to_le_bytes()).map_err(write_err)?;
+            } else {
+                bin.write_all(&(t as u16).to_le_bytes())
+                    .map_err(write_err)?;
+            }
+        }
+        let mut rec = [0u8; DOC_BYTES];
+        rec[..8].copy_from_slice(&start.to_le_bytes());
+        rec[8..12].copy_from_slice(&(doc.len() as u32).to_le_bytes());
+        rec[12..14].copy_from_slice(&subset_id(&doc_subset).to_le_bytes());
+        idx.write_all(&rec).map_err(write_err)?;
+        start += doc.len() as u64;
+        docs += 1;
+        doc.clear();
+    }
+    bin.flush().map_err(write_err)?;
+    idx.flush().map_err(write_err)?;
+    Ok(ShardInfo {
+        bin: bin_name,
+        source: file.path.clone(),
+        docs,
+        tokens: start,
+    })
+}
+
+/// Reads documents of one shard by mmap, from document `next`.
+pub struct ShardReader {
+    tokens: memmap2::Mmap,
+    docs: Vec<u8>,
+    wide: bool,
+    next: u64,
+    wanted: Option<Vec<u16>>,
+    path: PathBuf,
+    stats: Arc<Mutex<DataStats>>,
+}
+
+impl ShardReader {
+    pub fn open(
+        spec: &SourceSpec,
+        file: &FileEntry,
+        next: u64,
+        stats: Arc<Mutex<DataStats>>,
+    ) -> Result<ShardReader, String> {
+        let path = PathBuf::from(&file.path);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let index = read_index(dir)?;
+        let f = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot open shard {}: {e}", path.display()))?;
+        // SAFETY: shards are written once by `wick data prepare` and only read afterwards.
+        let tokens = unsafe { memmap2::Mmap::map(&f) }
+            .map_err(|e| format!("cannot map shard {}: {e}", path.display()))?;
+        let docs = std::fs::read(path.with_extension("idx"))
+            .map_err(|e| format!("cannot read the index of shard {}: {e}", path.display()))?;
+        if docs.len() % DOC_BYTES != 0 {
+            return Err(format!(
+                "shard index {} is truncated",
+                path.with_extension("idx").display()
+            ));
+        }
+        let wanted = spec
+            .subsets
+            .as_ref()
+            .map(|list| list.iter().map(|s| subset_id(s)).collect());
+        Ok(ShardReader {
+            tokens,
+            docs,
+            wide: index.dtype == "u32",
+            next,
+            wanted,
+            path,
+            stats,
+        })
+    }
+}
+
+impl Records for ShardReader {
+    fn next_record(&mut self) -> Result<Option<Record>, String> {
+        loop {
+            let i = self.next as usize;
+            let Some(rec) = self.docs.get(i * DOC_BYTES..(i + 1) * DOC_BYTES) else {
+                return Ok(None);
+            };
+            self.next += 1;
+            let start = u64::from_le_bytes(rec[..8].try_into().unwrap_or([0; 8])) as usize;
+            let len = u32::from_le_bytes(rec[8..12].try_into().unwrap_or([0; 4])) as usize;
+            let subset = u16::from_le_bytes(rec[12..14].try_into().unwrap_or([0; 2]));
+            if self.wanted.as_ref().is_some_and(|w| !w.contains(&subset)) {
+                continue;
+            }
+            let width = if self.wide { 4 } else { 2 };
+            let bytes = self
+                .tokens
+                .get(start * width..(start + len) * width)
+                .ok_or_else(|| {
+                    format!(
+                        "shard {} is shorter than its index says (truncated?)",
+                        self.path.display()
+                    )
+                })?;
+            let tokens: Vec<u32> = if self.wide {
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            } else {
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                    .collect()
+            };
+            if let Ok(mut s) = self.stats.lock() {
+                s.rows += 1;
+            }
+            return Ok(Some(Record {
+                offset: i as u64,
+                line: i as u64,
+                payload: Payload::Tokens(tokens),
+                end_of_doc: true,
+                subset: SUBSETS
+                    .get(subset as usize)
+                    .unwrap_or(&"unknown")
+                    .to_string(),
+            }));
+        }
+    }
+}
