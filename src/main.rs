@@ -15,6 +15,7 @@ mod docs;
 mod export;
 mod host;
 mod model;
+mod plot;
 mod progress;
 mod regress;
 mod repl;
@@ -120,6 +121,12 @@ enum Command {
         /// Print the metadata as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Plot train/validation loss and lr from a metrics.jsonl.
+    Plot {
+        metrics: PathBuf,
+        #[arg(short, long, default_value = "loss.png")]
+        out: PathBuf,
     },
     /// Data tools.
     Data {
@@ -263,6 +270,16 @@ fn main() -> ExitCode {
             device,
             result,
         } => regress::run_case(&file, &case, &ckpt_dir, seed, bless, &device, &result),
+        Command::Plot { metrics, out } => match plot::plot(&metrics, &out) {
+            Ok(msg) => {
+                eprintln!("wick: {msg}");
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
         Command::Data {
             what:
                 DataCommand::Prepare {

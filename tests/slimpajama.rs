@@ -324,6 +324,33 @@ fn slimpajama_recipe_quick_mode_trains_and_logs() {
     assert_eq!(rows[2]["phase"], "cool-down");
     assert!(rows[2]["val_loss"].as_f64().unwrap() < rows[0]["val_loss"].as_f64().unwrap() + 0.5);
     assert_eq!(ckpt_meta(&d.ckpt())["reason"], "completed");
+    // The curves as a picture.
+    let o = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args(["plot", "ckpt/metrics.jsonl", "-o", "loss.png"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let png = std::fs::read(d.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(png.len() > 10_000);
+    assert!(
+        stderr(&o).contains("train_loss, val_loss, lr"),
+        "{}",
+        stderr(&o)
+    );
+    d.write("empty.jsonl", "{\"note\": 1}\n");
+    let o = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args(["plot", "empty.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("no rows with a step and a loss"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
