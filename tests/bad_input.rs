@@ -78,7 +78,7 @@ fn malformed_json_lines_are_skipped_and_counted_with_file_and_line() {
     // Line 41 malformed, line 42 without text, line 43 with a non-string text.
     append(&p, "{not json\n{\"meta\": {}}\n{\"text\": 5}\n");
     let mut recipe = tiny_setup("data.jsonl", 1e-3);
-    recipe.push_str("for i = 1, 400 do train:next() end\nprint('bad_rows', train.bad_rows)\n");
+    recipe.push_str("for i = 1, 400 do train:next() end\nsession:step(train:next())\nwick.log{ x = 1 }\nprint('bad_rows', train.bad_rows)\n");
     d.write("r.lua", &recipe);
     let o = d.run("r.lua", &[]);
     let err = stderr(&o);

@@ -199,11 +199,13 @@ fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64
     let batch = batch
         .borrow::<BatchHandle>()
         .map_err(|_| mlua::Error::runtime("session:step expects a batch from loader:next()"))?;
+    let t0 = std::time::Instant::now();
     let result = this.lock()?.train_step(&batch.windows);
     if result.is_ok() {
         batch.commit();
     }
     let ctx = context(lua)?;
+    lock(&ctx).step_ms_total += t0.elapsed().as_secs_f64() * 1e3;
     match result {
         Ok(loss) => {
             let (step, lr, tokens) = {

@@ -46,6 +46,8 @@ pub struct RunContext {
     pub diverged: bool,
     /// For tokens/s on the progress line.
     pub loop_clock: Option<(std::time::Instant, u64)>,
+    /// Milliseconds spent inside training steps (to report the share spent waiting for data).
+    pub step_ms_total: f64,
     /// Golden files written under --bless: (name, "new" | "changed" | "unchanged").
     pub blessed: Vec<(String, String)>,
 }
@@ -70,8 +72,17 @@ impl RunContext {
             metrics: None,
             diverged: false,
             loop_clock: None,
+            step_ms_total: 0.0,
             blessed: Vec::new(),
         }
+    }
+
+    /// Time the loaders kept training waiting, as a share of training time (0 when the
+    /// prefetch thread keeps ahead), and its total in ms.
+    pub fn data_wait(&self) -> (f64, f64) {
+        let wait: f64 = self.loaders.iter().filter_map(|(_, l)| l.lock().ok().map(|l| l.wait_ms_total)).sum();
+        let total = wait + self.step_ms_total;
+        (if total > 0.0 { 100.0 * wait / total } else { 0.0 }, wait)
     }
 
     pub fn ckpt_dir(&self) -> PathBuf {

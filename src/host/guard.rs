@@ -175,6 +175,14 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
         );
         return code;
     }
+    if ctx.step_ms_total > 0.0 && !ctx.opts.quiet {
+        let (pct, ms) = ctx.data_wait();
+        eprintln!(
+            "wick: training time {:.1} s, waiting for data {:.2} s ({pct:.1} %)",
+            ctx.step_ms_total / 1e3,
+            ms / 1e3
+        );
+    }
     let state = read_state(lua);
     let reason = ending.reason();
     match checkpointing::save(&mut ctx, state, reason, None, false) {
