@@ -148,7 +148,10 @@ fn log(lua: &Lua, fields: Value) -> mlua::Result<()> {
     if bad > 0 {
         row.insert("bad_rows".into(), bad.into());
     }
-    row.insert("data_wait_pct".into(), ((c.data_wait().0 * 100.0).round() / 100.0).into());
+    row.insert(
+        "data_wait_pct".into(),
+        ((c.data_wait().0 * 100.0).round() / 100.0).into(),
+    );
     row.insert("time".into(), crate::ckpt::meta::now_unix().into());
     c.write_metrics(&serde_json::Value::Object(row.clone()))
         .map_err(mlua::Error::runtime)?;

@@ -80,9 +80,20 @@ impl RunContext {
     /// Time the loaders kept training waiting, as a share of training time (0 when the
     /// prefetch thread keeps ahead), and its total in ms.
     pub fn data_wait(&self) -> (f64, f64) {
-        let wait: f64 = self.loaders.iter().filter_map(|(_, l)| l.lock().ok().map(|l| l.wait_ms_total)).sum();
+        let wait: f64 = self
+            .loaders
+            .iter()
+            .filter_map(|(_, l)| l.lock().ok().map(|l| l.wait_ms_total))
+            .sum();
         let total = wait + self.step_ms_total;
-        (if total > 0.0 { 100.0 * wait / total } else { 0.0 }, wait)
+        (
+            if total > 0.0 {
+                100.0 * wait / total
+            } else {
+                0.0
+            },
+            wait,
+        )
     }
 
     pub fn ckpt_dir(&self) -> PathBuf {

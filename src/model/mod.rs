@@ -2,6 +2,7 @@
 //! layout, so exports need no permutation), grouped-query attention and SwiGLU.
 //! Every op here has a backward pass in candle; parameter names follow llama2.c.
 
+pub mod attention;
 mod config;
 pub mod generate;
 
@@ -19,6 +20,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Use the fused CPU attention (on by default; the composed path is the reference).
+    pub fused_attention: bool,
     /// Off while evaluating or sampling (see `no_grad`).
     track_grad: AtomicBool,
 }
@@ -70,6 +73,7 @@ impl Llama {
             sin,
             device: device.clone(),
             track_grad: AtomicBool::new(true),
+            fused_attention: true,
         })
     }
 
@@ -229,9 +233,18 @@ impl Llama {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?;
-        let y = probs.matmul(&v)?; // (b, h, t, hd)
+        let y = if self.fused_attention && q.device().is_cpu() && q.dtype() == DType::F32 {
+            q.apply_op3(
+                &k,
+                &v,
+                attention::CausalAttention {
+                    scale: scale as f32,
+                },
+            )?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+            softmax_last(&scores)?.matmul(&v)?
+        }; // (b, h, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, c.dim))?;
         linear(&y, &self.p(&format!("{p}.attention.wo.weight"))?)
     }
@@ -414,6 +427,45 @@ mod tests {
             }
         }
         assert!(checked > 30);
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_reference() {
+        let w = Tensor::from_vec(batch(11, 3, 9, 4), (3, 9), &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let mut m = Llama::new(small(), 9, &Device::Cpu).unwrap();
+            m.fused_attention = fused;
+            let loss = m.loss(&w).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<(String, Vec<f32>)> = m
+                .params()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.clone(),
+                        grads
+                            .get(v.as_tensor())
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), g)
+        };
+        let (l1, g1) = run(true);
+        let (l2, g2) = run(false);
+        assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
+        for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-5 + 1e-3 * y.abs(),
+                    "{name}: fused {x} vs reference {y}"
+                );
+            }
+        }
     }
 
     #[test]
