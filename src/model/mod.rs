@@ -73,7 +73,10 @@ impl Llama {
             sin,
             device: device.clone(),
             track_grad: AtomicBool::new(true),
-            fused_attention: true,
+            // WICK_ATTENTION=composed selects the reference path (for benchmarks and debugging).
+            fused_attention: std::env::var("WICK_ATTENTION")
+                .map(|v| v != "composed")
+                .unwrap_or(true),
         })
     }
 
