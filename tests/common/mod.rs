@@ -61,6 +61,15 @@ impl Dir {
             .args(extra)
             .env("RAYON_NUM_THREADS", "1")
             .stdin(Stdio::null());
+        // If the test thread dies (a failed assertion), its wick dies with it instead of
+        // spinning on after the test run.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         c
     }
     pub fn run(&self, recipe: &str, extra: &[&str]) -> Output {
