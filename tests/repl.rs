@@ -230,3 +230,38 @@ fn sigterm_in_the_repl_saves_and_exits_143() {
     assert_eq!(m["reason"], "interrupted");
     assert_eq!(m["step"], 1);
 }
+
+#[test]
+fn commands_load_save_time_reset_quit() {
+    let d = Dir::new();
+    d.corpus("data.jsonl", 50);
+    d.write("setup.lua", &format!("{SETUP}\nsession:step(train:next())\n"));
+    let input = ":load setup.lua\nsession.global_step\n:time 1 + 1\n:save saved.ckpt\n:reset\nsession\n:bogus\n:quit\nprint('not reached')\n";
+    let mut child = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args(["repl", "--ckpt-dir"])
+        .arg(d.join("ckpt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = stdout(&o);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1", "{out}");
+    assert_eq!(lines[1], "2", "{out}");
+    assert!(lines[2].starts_with('(') && lines[2].ends_with(" s)"), ":time prints the elapsed time: {out}");
+    assert!(lines[3].contains("saved saved.ckpt at step 1"), "{out}");
+    assert_eq!(ckpt_meta(&d.join("saved.ckpt"))["reason"], "manual");
+    assert!(lines[4].contains("fresh Lua state"), "{out}");
+    assert_eq!(lines[5], "nil", ":reset forgets globals: {out}");
+    assert!(err.contains("unknown command :bogus"), "{err}");
+    assert!(!out.contains("not reached"), ":quit ends the session");
+    // After :reset nothing was trained in the new session: nothing written on exit.
+    assert!(!d.ckpt().exists());
+}
