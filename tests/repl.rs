@@ -235,7 +235,10 @@ fn sigterm_in_the_repl_saves_and_exits_143() {
 fn commands_load_save_time_reset_quit() {
     let d = Dir::new();
     d.corpus("data.jsonl", 50);
-    d.write("setup.lua", &format!("{SETUP}\nsession:step(train:next())\n"));
+    d.write(
+        "setup.lua",
+        &format!("{SETUP}\nsession:step(train:next())\n"),
+    );
     let input = ":load setup.lua\nsession.global_step\n:time 1 + 1\n:save saved.ckpt\n:reset\nsession\n:bogus\n:quit\nprint('not reached')\n";
     let mut child = Command::new(wick_bin())
         .current_dir(d.path())
@@ -247,7 +250,12 @@ fn commands_load_save_time_reset_quit() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     let out = stdout(&o);
     let err = stderr(&o);
@@ -255,7 +263,10 @@ fn commands_load_save_time_reset_quit() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "1", "{out}");
     assert_eq!(lines[1], "2", "{out}");
-    assert!(lines[2].starts_with('(') && lines[2].ends_with(" s)"), ":time prints the elapsed time: {out}");
+    assert!(
+        lines[2].starts_with('(') && lines[2].ends_with(" s)"),
+        ":time prints the elapsed time: {out}"
+    );
     assert!(lines[3].contains("saved saved.ckpt at step 1"), "{out}");
     assert_eq!(ckpt_meta(&d.join("saved.ckpt"))["reason"], "manual");
     assert!(lines[4].contains("fresh Lua state"), "{out}");

@@ -3,7 +3,8 @@
 //! global gradient norm. Torch7's optim is the model: state is data.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -80,11 +81,14 @@ impl AdamW {
         let mut sq_sum = 0f64;
         for (name, var) in params {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq_sum += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
+                sq_sum += match sum_squares_cpu(g) {
+                    Some(s) => s,
+                    None => g
+                        .sqr()?
+                        .sum_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?,
+                };
                 named.push((name, var, g.clone()));
             }
         }
@@ -101,7 +105,38 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
+        let fast = named.iter().all(|(_, var, g)| {
+            var.device().is_cpu() && var.dtype() == DType::F32 && g.dtype() == DType::F32
+        });
         for (name, var, g) in named {
+            if fast {
+                // One multi-threaded pass over plain slices instead of a dozen tensor ops.
+                let hyper = Hyper {
+                    lr: lr as f32,
+                    decay: if decayed(name) {
+                        (1.0 - lr * c.weight_decay) as f32
+                    } else {
+                        1.0
+                    },
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    bc1: bc1 as f32,
+                    bc2: bc2 as f32,
+                    eps: c.eps as f32,
+                    scale: scale as f32,
+                };
+                let (p, m, v) = update_cpu(
+                    var.as_tensor(),
+                    &g,
+                    self.m.get(name),
+                    self.v.get(name),
+                    &hyper,
+                )?;
+                var.set(&p)?;
+                self.m.insert(name.clone(), m);
+                self.v.insert(name.clone(), v);
+                continue;
+            }
             let g = if scale != 1.0 { (g * scale)? } else { g };
             let m = match self.m.get(name) {
                 Some(m) => ((m * c.beta1)? + (&g * (1.0 - c.beta1))?)?,
@@ -125,5 +160,117 @@ impl AdamW {
             self.v.insert(name.clone(), v);
         }
         Ok(UpdateStats { grad_norm })
+    }
+}
+
+/// The scalars of one AdamW update, in f32.
+struct Hyper {
+    lr: f32,
+    decay: f32,
+    beta1: f32,
+    beta2: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    scale: f32,
+}
+
+/// Sum of squares of a contiguous CPU f32 tensor, read in place (None for other tensors).
+fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
+    let (storage, layout) = t.storage_and_layout();
+    let (a, b) = layout.contiguous_offsets()?;
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            Some(v[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum())
+        }
+        _ => None,
+    }
+}
+
+fn f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// AdamW on CPU slices: new (param, m, v), each element computed in one pass, in parallel over
+/// chunks. Elementwise, so the result does not depend on the thread count.
+fn update_cpu(
+    p: &Tensor,
+    g: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    h: &Hyper,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let shape = p.shape().clone();
+    let dev = p.device().clone();
+    let mut pv = f32_vec(p)?;
+    let gv = f32_vec(g)?;
+    let mut mv = match m {
+        Some(m) => f32_vec(m)?,
+        None => vec![0f32; gv.len()],
+    };
+    let mut vv = match v {
+        Some(v) => f32_vec(v)?,
+        None => vec![0f32; gv.len()],
+    };
+    const CHUNK: usize = 1 << 14;
+    pv.par_chunks_mut(CHUNK)
+        .zip(mv.par_chunks_mut(CHUNK))
+        .zip(vv.par_chunks_mut(CHUNK))
+        .zip(gv.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i] * h.scale;
+                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+                let step = (m[i] / h.bc1) / ((v[i] / h.bc2).sqrt() + h.eps);
+                p[i] = p[i] * h.decay - h.lr * step;
+            }
+        });
+    Ok((
+        Tensor::from_vec(pv, &shape, &dev)?,
+        Tensor::from_vec(mv, &shape, &dev)?,
+        Tensor::from_vec(vv, &shape, &dev)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fast CPU pass and the tensor-op reference agree.
+    #[test]
+    fn cpu_pass_matches_tensor_ops() {
+        let dev = Device::Cpu;
+        let p0 = Tensor::new(&[0.5f32, -1.0, 2.0, 0.0], &dev).unwrap();
+        let g = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev).unwrap();
+        let m0 = Tensor::new(&[0.01f32, 0.02, -0.03, 0.0], &dev).unwrap();
+        let v0 = Tensor::new(&[0.001f32, 0.002, 0.003, 0.0], &dev).unwrap();
+        let (b1, b2, lr, wd, eps, sc) = (0.9f64, 0.95f64, 1e-2f64, 0.1f64, 1e-8f64, 0.5f64);
+        let (bc1, bc2) = (1.0 - b1.powi(3), 1.0 - b2.powi(3));
+        let h = Hyper {
+            lr: lr as f32,
+            decay: (1.0 - lr * wd) as f32,
+            beta1: b1 as f32,
+            beta2: b2 as f32,
+            bc1: bc1 as f32,
+            bc2: bc2 as f32,
+            eps: eps as f32,
+            scale: sc as f32,
+        };
+        let (p, m, v) = update_cpu(&p0, &g, Some(&m0), Some(&v0), &h).unwrap();
+        let gs = (&g * sc).unwrap();
+        let m_ref = ((&m0 * b1).unwrap() + (&gs * (1.0 - b1)).unwrap()).unwrap();
+        let v_ref = ((&v0 * b2).unwrap() + (gs.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
+        let step = ((&m_ref / bc1).unwrap()
+            / ((&v_ref / bc2).unwrap().sqrt().unwrap() + eps).unwrap())
+        .unwrap();
+        let p_ref = ((&p0 * (1.0 - lr * wd)).unwrap() - (step * lr).unwrap()).unwrap();
+        for (a, b) in [(p, p_ref), (m, m_ref), (v, v_ref)] {
+            let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec1().unwrap(), b.to_vec1().unwrap());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
     }
 }
