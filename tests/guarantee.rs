@@ -32,9 +32,14 @@ fn last_printed_step(out: &str) -> u64 {
 fn completed_run_saves_reason_completed() {
     let d = Dir::new();
     let mut r = setup(&d);
-    r.push_str("for step in session:steps(5) do session:step(train:next()) end\n");
+    r.push_str("for step in session:steps(5) do session:step(train:next()) end\nprint(wick.args[2], arg[2], arg[0])\n");
     d.write("r.lua", &r);
-    let o = d.run("r.lua", &[]);
+    let o = d.run("r.lua", &["--", "--flag", "value"]);
+    assert_eq!(
+        stdout(&o).trim(),
+        "value\tvalue\tr.lua",
+        "recipe arguments as wick.args and arg"
+    );
     let err = stderr(&o);
     assert_eq!(code(&o), 0, "{err}");
     let m = ckpt_meta(&d.ckpt());
