@@ -214,7 +214,7 @@ pub fn ckpt(dir: &Path, mb: usize, reps: usize) -> Result<serde_json::Value, Str
 /// decompression of the same files (the limit), over one pass of the data.
 pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::Value, String> {
     use crate::data::source::{discover, is_data_file};
-    use crate::data::{Loader, LoaderSpec, OnBad, SourceSpec, Tokenizer};
+    use crate::data::{Loader, LoaderSpec, SourceSpec, Tokenizer};
     let files = discover(sources, &is_data_file)?;
     // The limit: decompress every file once (plain files are just read).
     let t0 = Instant::now();
@@ -240,16 +240,7 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
         toks.push(("bpe".into(), Tokenizer::load(p)?));
     }
     for (label, tok) in toks {
-        let spec = SourceSpec {
-            files: files.clone(),
-            field: "text".into(),
-            shuffle: false,
-            seed: 0,
-            on_bad_row: OnBad::Skip,
-            on_bad_file: OnBad::Error,
-            subsets: None,
-            shard_tokenizer: None,
-        };
+        let spec = SourceSpec::plain(files.clone());
         let lspec = LoaderSpec {
             name: "bench".into(),
             sources: vec![("bench".into(), Arc::new(spec), 1.0)],

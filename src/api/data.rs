@@ -584,18 +584,7 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
     };
     let files = crate::data::slimpajama::discover(Path::new(&root), &split, chunks.as_deref())
         .map_err(|e| mlua::Error::runtime(format!("wick.data.slimpajama: {e}")))?;
-    let subsets = match o.strings("subsets")? {
-        Some(list) => Some(
-            list.iter()
-                .map(|s| subset_name(s))
-                .collect::<mlua::Result<Vec<_>>>()?,
-        ),
-        None => None,
-    };
-    let seed = match o.usize("seed")? {
-        Some(s) => s as u64,
-        None => lock(&context(lua)?).opts.seed,
-    };
+    let (subsets, seed) = subsets_and_seed(lua, &o)?;
     let base = SourceSpec {
         files,
         field: "text".into(),
@@ -608,6 +597,23 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
     };
     let name = format!("{root}/{split}");
     by_subset(lua, "wick.data.slimpajama", name, base, o.value("mix")?)
+}
+
+/// The `subsets` (canonical names) and `seed` options shared by SlimPajama and shard sources.
+fn subsets_and_seed(lua: &Lua, o: &Opts) -> mlua::Result<(Option<Vec<String>>, u64)> {
+    let subsets = match o.strings("subsets")? {
+        Some(list) => Some(
+            list.iter()
+                .map(|s| subset_name(s))
+                .collect::<mlua::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    let seed = match o.usize("seed")? {
+        Some(s) => s as u64,
+        None => lock(&context(lua)?).opts.seed,
+    };
+    Ok((subsets, seed))
 }
 
 /// A source, or with `mix` a mixture of one stream per subset (each reading the same files
@@ -688,18 +694,7 @@ fn shards(lua: &Lua, options: Value) -> mlua::Result<Value> {
     };
     let (index, files) = crate::data::shards::shard_files(Path::new(dir))
         .map_err(|e| mlua::Error::runtime(format!("wick.data.shards: {e}")))?;
-    let subsets = match o.strings("subsets")? {
-        Some(list) => Some(
-            list.iter()
-                .map(|s| subset_name(s))
-                .collect::<mlua::Result<Vec<_>>>()?,
-        ),
-        None => None,
-    };
-    let seed = match o.usize("seed")? {
-        Some(s) => s as u64,
-        None => lock(&context(lua)?).opts.seed,
-    };
+    let (subsets, seed) = subsets_and_seed(lua, &o)?;
     let base = SourceSpec {
         files,
         field: "text".into(),

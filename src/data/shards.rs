@@ -6,7 +6,7 @@
 
 use super::slimpajama::SUBSETS;
 use super::source::{
-    discover, is_data_file, FileEntry, OnBad, Payload, Record, RecordReader, Records, SourceSpec,
+    discover, is_data_file, FileEntry, Payload, Record, RecordReader, Records, SourceSpec,
 };
 use super::tokenizer::Tokenizer;
 use super::DataStats;
@@ -82,16 +82,7 @@ pub fn prepare(tokenizer: &Tokenizer, out: &Path, sources: &[String]) -> Result<
     let files = discover(sources, &is_data_file)?;
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let wide = tokenizer.vocab_size() > 65536;
-    let spec = SourceSpec {
-        files: files.clone(),
-        field: "text".into(),
-        shuffle: false,
-        seed: 0,
-        on_bad_row: OnBad::Skip,
-        on_bad_file: OnBad::Error,
-        subsets: None,
-        shard_tokenizer: None,
-    };
+    let spec = SourceSpec::plain(files.clone());
     let stats = Arc::new(Mutex::new(DataStats::default()));
     let results: Vec<Result<ShardInfo, String>> = files
         .par_iter()

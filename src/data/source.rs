@@ -63,6 +63,22 @@ pub struct SourceSpec {
     pub shard_tokenizer: Option<String>,
 }
 
+impl SourceSpec {
+    /// Files read in order with the defaults: field `text`, bad rows skipped, bad files an error.
+    pub fn plain(files: Vec<FileEntry>) -> SourceSpec {
+        SourceSpec {
+            files,
+            field: "text".into(),
+            shuffle: false,
+            seed: 0,
+            on_bad_row: OnBad::Skip,
+            on_bad_file: OnBad::Error,
+            subsets: None,
+            shard_tokenizer: None,
+        }
+    }
+}
+
 /// Where a stream stands. `offset`/`line` locate the record being consumed (in the decompressed
 /// bytes), `token` counts the tokens of that record already handed out.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

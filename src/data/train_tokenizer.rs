@@ -2,7 +2,7 @@
 //! `tokenizers` crate, saved as a Hugging Face tokenizer.json with `<|endoftext|>` as the
 //! end-of-document token.
 
-use super::source::{discover, is_data_file, OnBad, RecordReader, SourceSpec};
+use super::source::{discover, is_data_file, RecordReader, SourceSpec};
 use super::DataStats;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -23,16 +23,7 @@ pub fn train(
         return Err(format!("--vocab {vocab} is too small: a byte-level BPE needs at least 258 (256 bytes, end-of-document, one merge)"));
     }
     let files = discover(sources, &is_data_file)?;
-    let spec = SourceSpec {
-        files: files.clone(),
-        field: "text".into(),
-        shuffle: false,
-        seed: 0,
-        on_bad_row: OnBad::Skip,
-        on_bad_file: OnBad::Error,
-        subsets: None,
-        shard_tokenizer: None,
-    };
+    let spec = SourceSpec::plain(files.clone());
     let stats = Arc::new(Mutex::new(DataStats::default()));
     let mut texts = Vec::new();
     let mut bytes = 0u64;
