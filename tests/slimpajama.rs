@@ -492,3 +492,32 @@ fn prepared_shards_are_deterministic_and_stream_the_same_tokens() {
     let o = d.run("missing.lua", &[]);
     assert!(stderr(&o).contains("wick data prepare"), "{}", stderr(&o));
 }
+
+#[test]
+fn text_files_stream_their_bytes_across_record_boundaries() {
+    let d = Dir::new();
+    // 200 kB of lines: several 64 kB records, one document (EOD only at the end of the file).
+    let mut text = String::new();
+    let mut i = 0;
+    while text.len() < 200_000 {
+        text += &format!("line {i}: ünïcödé and plain ascii text\n");
+        i += 1;
+    }
+    d.write("books/a.txt", &text);
+    d.write("books/b.txt", "second file\n");
+    let bytes = text.len() + 1 + "second file\n".len() + 1;
+    d.write(
+        "t.lua",
+        &format!(
+            "local l = wick.data.loader{{ source = wick.data.text{{ 'books' }}, batch = 1, seq_len = {} }}\nlocal t = l:next():tokens(1)\nlocal out = {{}}\nfor i, x in ipairs(t) do out[i] = x == 256 and '|' or string.char(x) end\nio.write(table.concat(out))\n",
+            bytes - 1
+        ),
+    );
+    let o = d.run("t.lua", &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let expected = format!("{text}|second file\n|");
+    assert!(
+        o.stdout == expected.as_bytes(),
+        "the token stream is the files' bytes with EOD after each file"
+    );
+}

@@ -199,13 +199,14 @@ fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64
     let batch = batch
         .borrow::<BatchHandle>()
         .map_err(|_| mlua::Error::runtime("session:step expects a batch from loader:next()"))?;
-    let t0 = std::time::Instant::now();
+    let step_start = std::time::Instant::now();
+    let step_tokens = (batch.windows.batch * (batch.windows.width - 1)) as u64;
     let result = this.lock()?.train_step(&batch.windows);
     if result.is_ok() {
         batch.commit();
     }
     let ctx = context(lua)?;
-    lock(&ctx).step_ms_total += t0.elapsed().as_secs_f64() * 1e3;
+    lock(&ctx).step_ms_total += step_start.elapsed().as_secs_f64() * 1e3;
     match result {
         Ok(loss) => {
             let (step, lr, tokens) = {
@@ -216,7 +217,7 @@ fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64
                 let mut c = lock(&ctx);
                 let (t0, tokens0) = *c
                     .loop_clock
-                    .get_or_insert((std::time::Instant::now(), tokens));
+                    .get_or_insert((step_start, tokens.saturating_sub(step_tokens)));
                 let secs = t0.elapsed().as_secs_f64();
                 let tps = if secs > 0.0 {
                     (tokens - tokens0) as f64 / secs
