@@ -13,6 +13,7 @@ mod cli;
 mod data;
 mod docs;
 mod export;
+mod golden;
 mod host;
 mod model;
 mod plot;

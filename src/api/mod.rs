@@ -191,8 +191,8 @@ pub fn to_lua_table(lua: &Lua, v: &impl serde::Serialize) -> mlua::Result<Table>
     }
 }
 
-/// `expect.golden` on the host: compare `values` with golden/NAME.json (or write it under
-/// `--bless`). Returns (ok, message).
+/// `expect.golden` on the host: compare with (or under `--bless`, write) golden/NAME.json.
+/// Returns (ok, message) so the Lua side raises at the caller's line.
 fn golden(
     lua: &Lua,
     (name, values, rtol, atol): (String, Vec<f64>, f64, f64),
@@ -204,58 +204,15 @@ fn golden(
         .golden_dir
         .clone()
         .unwrap_or_else(|| std::path::PathBuf::from("golden"));
-    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
-        return Err(mlua::Error::runtime(format!(
-            "expect.golden: '{name}' is not a plain file name"
-        )));
-    }
-    let path = dir.join(format!("{name}.json"));
-    let old: Option<Vec<f64>> = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-        .and_then(|v| serde_json::from_value(v["values"].clone()).ok());
-    if c.opts.bless {
-        let status = match &old {
-            None => "new",
-            Some(o) if *o == values => "unchanged",
-            Some(_) => "changed",
-        };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| mlua::Error::runtime(format!("cannot create {}: {e}", dir.display())))?;
-        let body =
-            serde_json::to_string_pretty(&serde_json::json!({ "name": name, "values": values }))
-                .map_err(|e| mlua::Error::runtime(e.to_string()))?;
-        std::fs::write(&path, body + "\n")
-            .map_err(|e| mlua::Error::runtime(format!("cannot write {}: {e}", path.display())))?;
-        c.blessed.push((name, status.to_string()));
-        return Ok((true, String::new()));
-    }
-    let Some(expected) = old else {
-        return Ok((
-            false,
-            format!(
-                "golden file {} is missing or unreadable; run `wick test --bless` to create it",
-                path.display()
-            ),
-        ));
-    };
-    if expected.len() != values.len() {
-        return Ok((
-            false,
-            format!(
-                "golden {name}: expected {} values, got {}",
-                expected.len(),
-                values.len()
-            ),
-        ));
-    }
-    for (i, (e, a)) in expected.iter().zip(&values).enumerate() {
-        if (e - a).abs() > atol + rtol * e.abs() || a.is_nan() != e.is_nan() {
-            return Ok((false, format!(
-                "golden {name} differs at index {} (step {}): expected {e}, got {a} (rtol {rtol}, atol {atol}); `wick test --bless` accepts the new values",
-                i + 1, i + 1
-            )));
+    let tol = crate::golden::Tolerance { rtol, atol };
+    match crate::golden::check(&dir, &name, &values, tol, c.opts.bless)
+        .map_err(mlua::Error::runtime)?
+    {
+        crate::golden::Verdict::Blessed(status) => {
+            c.blessed.push((name, status.to_string()));
+            Ok((true, String::new()))
         }
+        crate::golden::Verdict::Match => Ok((true, String::new())),
+        crate::golden::Verdict::Mismatch(msg) => Ok((false, msg)),
     }
-    Ok((true, String::new()))
 }
