@@ -273,3 +273,33 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
     }
     Ok(out)
 }
+
+/// Run one training config in a fresh `wick bench train` process (so peak RSS is its own).
+pub fn train_in_child(
+    name: &str,
+    steps: usize,
+    warmup: usize,
+    batch: usize,
+) -> Result<serde_json::Value, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args(["bench", "train", "--configs", name])
+        .args([
+            "--steps",
+            &steps.to_string(),
+            "--warmup",
+            &warmup.to_string(),
+            "--batch",
+            &batch.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run the benchmark for {name}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{name}: unreadable benchmark output ({e})"))
+}

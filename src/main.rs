@@ -330,10 +330,17 @@ fn main() -> ExitCode {
                     steps,
                     warmup,
                     batch,
-                } => configs
-                    .split(',')
-                    .map(|c| bench::train(c.trim(), steps, warmup, batch))
-                    .collect(),
+                } => {
+                    let list: Vec<&str> = configs.split(',').map(str::trim).collect();
+                    if list.len() == 1 {
+                        vec![bench::train(list[0], steps, warmup, batch)]
+                    } else {
+                        // One process per config: peak RSS is per process.
+                        list.iter()
+                            .map(|c| bench::train_in_child(c, steps, warmup, batch))
+                            .collect()
+                    }
+                }
                 BenchCommand::Ckpt { dir, mb, reps } => vec![bench::ckpt(&dir, mb, reps)],
                 BenchCommand::Data { sources, tokenizer } => {
                     vec![bench::data(&sources, tokenizer.as_deref())]

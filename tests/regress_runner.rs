@@ -205,7 +205,8 @@ fn ctrl_c_stops_the_whole_run_with_a_summary() {
         .args(["test", "s_test.lua", "--jobs", "2"])
         .stdout(std::fs::File::create(&log).unwrap());
     let mut child = cmd.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    // Long enough for both workers to be running on a slow machine; the cases never finish.
+    std::thread::sleep(Duration::from_millis(2500));
     send(&child, libc::SIGINT);
     let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("stops");
     let out = std::fs::read_to_string(&log).unwrap();

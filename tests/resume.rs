@@ -79,7 +79,12 @@ fn straight() -> (BTreeMap<String, Vec<u8>>, BTreeMap<u64, u64>) {
 fn assert_same(d: &Dir, reference: &(BTreeMap<String, Vec<u8>>, BTreeMap<u64, u64>), what: &str) {
     let m = ckpt_meta(&d.ckpt());
     assert_eq!(m["step"], N, "{what}");
-    assert_eq!(m["reason"], "completed", "{what}");
+    // A stop that lands after the last step leaves nothing for the resume to do.
+    assert!(
+        m["reason"] == "completed" || m["reason"] == "interrupted",
+        "{what}: {}",
+        m["reason"]
+    );
     let t = ckpt_tensors(&d.ckpt());
     assert_eq!(t.len(), reference.0.len(), "{what}");
     for (name, bytes) in &reference.0 {

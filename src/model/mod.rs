@@ -4,6 +4,7 @@
 
 pub mod attention;
 mod config;
+pub mod cross_entropy;
 pub mod generate;
 
 pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
@@ -20,8 +21,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// Use the fused CPU attention (on by default; the composed path is the reference).
-    pub fused_attention: bool,
+    /// Use the fused CPU ops (attention, cross-entropy); the composed path is the reference.
+    pub fused_ops: bool,
     /// Off while evaluating or sampling (see `no_grad`).
     track_grad: AtomicBool,
 }
@@ -73,8 +74,8 @@ impl Llama {
             sin,
             device: device.clone(),
             track_grad: AtomicBool::new(true),
-            // WICK_ATTENTION=composed selects the reference path (for benchmarks and debugging).
-            fused_attention: std::env::var("WICK_ATTENTION")
+            // WICK_ATTENTION=composed selects the reference ops (for benchmarks and debugging).
+            fused_ops: std::env::var("WICK_ATTENTION")
                 .map(|v| v != "composed")
                 .unwrap_or(true),
         })
@@ -236,7 +237,7 @@ impl Llama {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let y = if self.fused_attention && q.device().is_cpu() && q.dtype() == DType::F32 {
+        let y = if self.fused_ops && q.device().is_cpu() && q.dtype() == DType::F32 {
             q.apply_op3(
                 &k,
                 &v,
@@ -264,9 +265,15 @@ impl Llama {
         let (_, n) = windows.dims2()?;
         let input = windows.narrow(1, 0, n - 1)?;
         let target = windows.narrow(1, 1, n - 1)?;
-        let logits = self.forward(&input)?;
-        let vocab = self.config.vocab;
-        candle_nn::loss::cross_entropy(&logits.reshape(((), vocab))?, &target.flatten_all()?)
+        let logits = self.forward(&input)?.reshape(((), self.config.vocab))?;
+        let target = target.flatten_all()?;
+        if self.fused_ops && logits.device().is_cpu() && logits.dtype() == DType::F32 {
+            logits
+                .contiguous()?
+                .apply_op2(&target.contiguous()?, cross_entropy::CrossEntropy)
+        } else {
+            candle_nn::loss::cross_entropy(&logits, &target)
+        }
     }
 }
 
@@ -433,11 +440,11 @@ mod tests {
     }
 
     #[test]
-    fn fused_attention_matches_the_composed_reference() {
+    fn fused_ops_matches_the_composed_reference() {
         let w = Tensor::from_vec(batch(11, 3, 9, 4), (3, 9), &Device::Cpu).unwrap();
         let run = |fused: bool| {
             let mut m = Llama::new(small(), 9, &Device::Cpu).unwrap();
-            m.fused_attention = fused;
+            m.fused_ops = fused;
             let loss = m.loss(&w).unwrap();
             let grads = loss.backward().unwrap();
             let g: Vec<(String, Vec<f32>)> = m
@@ -468,6 +475,48 @@ mod tests {
                     "{name}: fused {x} vs reference {y}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(4);
+        let x: Vec<f32> = (0..6 * 11).map(|_| (rng.normal() * 3.0) as f32).collect();
+        let logits = Var::from_tensor(&Tensor::from_vec(x, (6, 11), &dev).unwrap()).unwrap();
+        let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &dev).unwrap();
+        let fused = logits
+            .as_tensor()
+            .apply_op2(&targets, cross_entropy::CrossEntropy)
+            .unwrap();
+        let reference = candle_nn::loss::cross_entropy(logits.as_tensor(), &targets).unwrap();
+        let (a, b) = (
+            fused.to_scalar::<f32>().unwrap(),
+            reference.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let ga: Vec<f32> = (fused * 2.0)
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(logits.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let gb: Vec<f32> = (reference * 2.0)
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(logits.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (x, y) in ga.iter().zip(&gb) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
         }
     }
 
