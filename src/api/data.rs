@@ -239,6 +239,18 @@ const SOURCE_KEYS: &[&str] = &[
     "files",
 ];
 
+/// `f("path")` means `f{ "path" }`.
+fn string_as_list(lua: &Lua, options: Value) -> mlua::Result<Value> {
+    Ok(match options {
+        Value::String(s) => {
+            let t = lua.create_table()?;
+            t.raw_set(1, s)?;
+            Value::Table(t)
+        }
+        other => other,
+    })
+}
+
 /// `on_bad_row` defaults to skip (counted, reported); `on_bad_file` to error.
 fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
     match o.string(key)?.as_deref() {
@@ -254,14 +266,7 @@ fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
 
 fn make_source(lua: &Lua, func: &'static str, options: Value) -> mlua::Result<SourceHandle> {
     check_stop()?;
-    let options = match options {
-        Value::String(s) => {
-            let t = lua.create_table()?;
-            t.raw_set(1, s)?;
-            Value::Table(t)
-        }
-        other => other,
-    };
+    let options = string_as_list(lua, options)?;
     let o = Opts::new(func, table_arg(func, options)?, SOURCE_KEYS, true)?;
     let mut paths = o.positional_strings()?;
     paths.extend(o.strings("files")?.unwrap_or_default());
@@ -672,14 +677,7 @@ const SHARDS_KEYS: &[&str] = &["subsets", "mix", "shuffle", "seed"];
 /// `wick.data.shards{ "DIR", mix = {...} }`: token shards from `wick data prepare`, read by mmap.
 fn shards(lua: &Lua, options: Value) -> mlua::Result<Value> {
     check_stop()?;
-    let options = match options {
-        Value::String(s) => {
-            let t = lua.create_table()?;
-            t.raw_set(1, s)?;
-            Value::Table(t)
-        }
-        other => other,
-    };
+    let options = string_as_list(lua, options)?;
     let o = Opts::new(
         "wick.data.shards",
         table_arg("wick.data.shards", options)?,
