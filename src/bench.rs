@@ -12,7 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The three configs of shared/bench/README.md (kv heads = heads, untied head, batch 8).
+/// The three configs of shared/bench/README.md (kv heads = heads, untied head, batch 8),
+/// and a GPT-2-small-sized llama for GPUs.
 pub fn config(name: &str) -> Option<ModelConfig> {
     let mut c = ModelConfig::preset("tiny")?;
     match name {
@@ -33,6 +34,15 @@ pub fn config(name: &str) -> Option<ModelConfig> {
             c.hidden_dim = 768;
             c.vocab = if name == "small" { 32000 } else { 256 };
             c.seq_len = 256;
+        }
+        "124m" => {
+            c.dim = 768;
+            c.n_layers = 12;
+            c.n_heads = 12;
+            c.n_kv_heads = 12;
+            c.hidden_dim = 2048;
+            c.vocab = 32000;
+            c.seq_len = 1024;
         }
         _ => return None,
     }
@@ -76,15 +86,27 @@ fn train_flops(c: &ModelConfig, batch: usize) -> f64 {
     3.0 * tokens * (c.n_layers as f64 * per_layer + head)
 }
 
-pub fn train(
-    name: &str,
-    steps: usize,
-    warmup: usize,
-    batch: usize,
-) -> Result<serde_json::Value, String> {
-    let c = config(name)
-        .ok_or_else(|| format!("unknown bench config '{name}'; use tiny, small-bytes or small"))?;
-    let model = Arc::new(Llama::new(c.clone(), 1, &Device::Cpu).map_err(|e| e.to_string())?);
+/// How `wick bench train` runs each config.
+#[derive(Clone, Debug)]
+pub struct TrainBench {
+    pub steps: usize,
+    pub warmup: usize,
+    pub batch: usize,
+    pub device: String,
+    pub dtype: String,
+}
+
+pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
+    let (steps, warmup, batch) = (o.steps, o.warmup, o.batch);
+    let c = config(name).ok_or_else(|| {
+        format!("unknown bench config '{name}'; use tiny, small-bytes, small or 124m")
+    })?;
+    let compute = crate::device::open(&o.device, &o.dtype)?;
+    let model = Arc::new(
+        Llama::new(c.clone(), 1, &compute.device)
+            .map_err(|e| e.to_string())?
+            .with_compute_dtype(compute.dtype),
+    );
     let optim = AdamWConfig {
         lr: 3e-4,
         beta1: 0.9,
@@ -137,6 +159,8 @@ pub fn train(
         "achieved_gflops_excl_emb": (train_flops(&c, batch) / (med / 1e3) / 1e9 * 10.0).round() / 10.0,
         "peak_rss_mb": peak_rss_mb().round(),
         "threads": rayon::current_num_threads(),
+        "device": compute.device_name,
+        "dtype": compute.dtype_name(),
     }))
 }
 
@@ -176,6 +200,7 @@ pub fn ckpt(dir: &Path, mb: usize, reps: usize) -> Result<serde_json::Value, Str
         started_unix: 0.0,
         saved_unix: 0.0,
         device: "cpu".into(),
+        dtype: "f32".into(),
         loaders: Default::default(),
         state: serde_json::Value::Null,
         recipe: None,
@@ -275,22 +300,21 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
 }
 
 /// Run one training config in a fresh `wick bench train` process (so peak RSS is its own).
-pub fn train_in_child(
-    name: &str,
-    steps: usize,
-    warmup: usize,
-    batch: usize,
-) -> Result<serde_json::Value, String> {
+pub fn train_in_child(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = std::process::Command::new(exe)
         .args(["bench", "train", "--configs", name])
         .args([
             "--steps",
-            &steps.to_string(),
+            &o.steps.to_string(),
             "--warmup",
-            &warmup.to_string(),
+            &o.warmup.to_string(),
             "--batch",
-            &batch.to_string(),
+            &o.batch.to_string(),
+            "--device",
+            &o.device,
+            "--dtype",
+            &o.dtype,
         ])
         .output()
         .map_err(|e| format!("cannot run the benchmark for {name}: {e}"))?;

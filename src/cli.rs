@@ -5,7 +5,6 @@ use crate::host::checkpointing::announce_existing;
 use crate::host::context::{RunContext, RunOptions};
 use crate::host::{exit, guard, lua, signals};
 use crate::RunArgs;
-use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -27,16 +26,6 @@ pub fn init_compute_threads() {
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(|_| set_flush_denormals())
         .build_global();
-}
-
-pub fn parse_device(name: &str) -> Result<Device, String> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        n if n.starts_with("cuda") => Err(format!(
-            "--device {n}: this wick was built without CUDA support; rebuild with `cargo build --release --features cuda` (see scripts/build-cuda.sh)"
-        )),
-        other => Err(format!("unknown --device '{other}'; use cpu or cuda[:N]")),
-    }
 }
 
 fn read_recipe(path: &Path) -> Result<String, String> {
@@ -64,8 +53,8 @@ pub fn run(
             return exit::USAGE;
         }
     };
-    let device = match parse_device(&common.device) {
-        Ok(d) => d,
+    let compute = match crate::device::open(&common.device, &common.dtype) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::USAGE;
@@ -132,8 +121,7 @@ pub fn run(
     let opts = RunOptions {
         ckpt_path,
         seed: common.seed,
-        device,
-        device_name: common.device.clone(),
+        compute,
         save_every: common.save_every,
         recipe: Some(recipe.to_path_buf()),
         recipe_hash: Some(recipe_hash),

@@ -11,6 +11,7 @@ mod bench;
 mod ckpt;
 mod cli;
 mod data;
+mod device;
 mod docs;
 mod export;
 mod golden;
@@ -39,9 +40,13 @@ pub struct RunArgs {
     /// Directory for the checkpoint (full_model.ckpt) and metrics.jsonl.
     #[arg(long, default_value = "checkpoints")]
     ckpt_dir: PathBuf,
-    /// Compute device: cpu (cuda needs a build with --features cuda).
+    /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute dtype: f32, or bf16 (bf16 matrix products with f32 master weights and AdamW
+    /// moments; for GPUs: the CPU supports it, slowly, by widening to f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Seed for initialisation, data order and sampling.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -96,8 +101,12 @@ enum Command {
         /// Also write a JUnit XML report.
         #[arg(long, value_name = "FILE")]
         junit: Option<PathBuf>,
+        /// Compute device for every case: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Compute dtype for every case: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// (internal) run one test case; used by `wick test`.
     #[command(hide = true)]
@@ -113,6 +122,8 @@ enum Command {
         bless: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         #[arg(long)]
         result: PathBuf,
     },
@@ -186,7 +197,8 @@ enum TokenizerCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Training throughput on synthetic tokens (configs of shared/bench: tiny, small-bytes, small).
+    /// Training throughput on synthetic tokens (configs of shared/bench: tiny, small-bytes,
+    /// small; and 124m, a GPT-2-small-sized llama for GPUs).
     Train {
         /// Configs to run, comma-separated.
         #[arg(long, default_value = "tiny,small-bytes,small")]
@@ -197,6 +209,12 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Data path speed (read, decompress, parse, tokenize, pack) against raw decompression.
     Data {
@@ -244,6 +262,7 @@ fn main() -> ExitCode {
             bless,
             junit,
             device,
+            dtype,
         } => regress::run(regress::TestArgs {
             paths: if paths.is_empty() {
                 vec![PathBuf::from("tests/regress")]
@@ -261,6 +280,7 @@ fn main() -> ExitCode {
             bless,
             junit,
             device,
+            dtype,
         }),
         Command::TestCase {
             file,
@@ -269,8 +289,17 @@ fn main() -> ExitCode {
             seed,
             bless,
             device,
+            dtype,
             result,
-        } => regress::run_case(&file, &case, &ckpt_dir, seed, bless, &device, &result),
+        } => regress::run_case(
+            &file,
+            &case,
+            &ckpt_dir,
+            seed,
+            bless,
+            (&device, &dtype),
+            &result,
+        ),
         Command::Plot { metrics, out } => match plot::plot(&metrics, &out) {
             Ok(msg) => {
                 eprintln!("wick: {msg}");
@@ -330,15 +359,22 @@ fn main() -> ExitCode {
                     steps,
                     warmup,
                     batch,
+                    device,
+                    dtype,
                 } => {
+                    let o = bench::TrainBench {
+                        steps,
+                        warmup,
+                        batch,
+                        device,
+                        dtype,
+                    };
                     let list: Vec<&str> = configs.split(',').map(str::trim).collect();
                     if list.len() == 1 {
-                        vec![bench::train(list[0], steps, warmup, batch)]
+                        vec![bench::train(list[0], &o)]
                     } else {
                         // One process per config: peak RSS is per process.
-                        list.iter()
-                            .map(|c| bench::train_in_child(c, steps, warmup, batch))
-                            .collect()
+                        list.iter().map(|c| bench::train_in_child(c, &o)).collect()
                     }
                 }
                 BenchCommand::Ckpt { dir, mb, reps } => vec![bench::ckpt(&dir, mb, reps)],

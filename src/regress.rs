@@ -19,6 +19,7 @@ pub struct TestArgs {
     pub bless: bool,
     pub junit: Option<PathBuf>,
     pub device: String,
+    pub dtype: String,
 }
 
 struct Case {
@@ -87,13 +88,12 @@ fn test_options(
     ckpt_dir: &Path,
     seed: u64,
     bless: bool,
-    device: &str,
+    (device, dtype): (&str, &str),
 ) -> Result<RunOptions, String> {
     Ok(RunOptions {
         ckpt_path: ckpt_dir.join("full_model.ckpt"),
         seed,
-        device: crate::cli::parse_device(device)?,
-        device_name: device.to_string(),
+        compute: crate::device::open(device, dtype)?,
         save_every: None,
         recipe: Some(file.to_path_buf()),
         recipe_hash: None,
@@ -124,7 +124,7 @@ fn load_file(file: &Path, opts: RunOptions) -> Result<(mlua::Lua, Arc<Mutex<RunC
 
 fn list_cases(file: &Path) -> Result<Vec<(String, Option<String>)>, String> {
     let dir = std::env::temp_dir();
-    let (lua, _) = load_file(file, test_options(file, &dir, 0, false, "cpu")?)?;
+    let (lua, _) = load_file(file, test_options(file, &dir, 0, false, ("cpu", "f32"))?)?;
     let cases: mlua::Table = lua
         .globals()
         .get("__wick_cases")
@@ -147,7 +147,7 @@ pub fn run_case(
     ckpt_dir: &Path,
     seed: u64,
     bless: bool,
-    device: &str,
+    device: (&str, &str),
     result: &Path,
 ) -> i32 {
     crate::progress::set_quiet(true);
@@ -233,6 +233,10 @@ fn xml_escape(s: &str) -> String {
 }
 
 pub fn run(args: TestArgs) -> i32 {
+    if let Err(e) = crate::device::open(&args.device, &args.dtype) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
     let files = match discover(&args.paths) {
         Ok(f) => f,
         Err(e) => {
@@ -240,10 +244,6 @@ pub fn run(args: TestArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    if let Err(e) = crate::cli::parse_device(&args.device) {
-        eprintln!("error: {e}");
-        return exit::USAGE;
-    }
     if let Err(e) = signals::install() {
         eprintln!("error: {e}");
         return exit::ERROR;
@@ -341,6 +341,8 @@ pub fn run(args: TestArgs) -> i32 {
                 .arg(args.seed.to_string())
                 .arg("--device")
                 .arg(&args.device)
+                .arg("--dtype")
+                .arg(&args.dtype)
                 .arg("--result")
                 .arg(dir.join("result.json"))
                 .stdin(Stdio::null());

@@ -468,8 +468,8 @@ fn history_path() -> Option<PathBuf> {
 }
 
 pub fn run(common: &crate::RunArgs, resume: Option<PathBuf>) -> i32 {
-    let device = match crate::cli::parse_device(&common.device) {
-        Ok(d) => d,
+    let compute = match crate::device::open(&common.device, &common.dtype) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::USAGE;
@@ -495,8 +495,7 @@ pub fn run(common: &crate::RunArgs, resume: Option<PathBuf>) -> i32 {
     let opts = RunOptions {
         ckpt_path,
         seed: common.seed,
-        device,
-        device_name: common.device.clone(),
+        compute,
         save_every: common.save_every,
         recipe: None,
         recipe_hash: None,

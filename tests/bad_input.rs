@@ -146,19 +146,3 @@ fn model_vocab_must_match_tokenizer() {
     let o = d.run("r.lua", &[]);
     assert_clean_failure(&o, &["vocab = 100 does not match the tokenizer"]);
 }
-
-#[test]
-fn unknown_device_and_cuda_without_feature_are_clear() {
-    let d = Dir::new();
-    d.write("r.lua", "print('hi')\n");
-    let o = d.run("r.lua", &["--device", "cuda:0"]);
-    assert_eq!(code(&o), 2);
-    assert!(
-        stderr(&o).contains("built without CUDA support"),
-        "{}",
-        stderr(&o)
-    );
-    let o = d.run("r.lua", &["--device", "tpu"]);
-    assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("unknown --device 'tpu'"));
-}

@@ -40,7 +40,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
             c.opts.seed,
             c.resume.is_some(),
             c.resume.as_ref().map(|r| r.meta.state.clone()),
-            c.opts.device_name.clone(),
+            c.opts.compute.device_name.clone(),
             c.opts.recipe.clone(),
             c.ckpt_dir(),
         )

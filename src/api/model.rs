@@ -105,7 +105,7 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
         .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
 
     let ctx = context(lua)?;
-    let (seed, device, resume_config) = {
+    let (seed, compute, resume_config) = {
         let c = lock(&ctx);
         let resume = c
             .resume
@@ -114,7 +114,7 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
             .map(|r| r.meta.model.clone());
         (
             o.usize("seed")?.map(|s| s as u64).unwrap_or(c.opts.seed),
-            c.opts.device.clone(),
+            c.opts.compute.clone(),
             resume,
         )
     };
@@ -127,8 +127,9 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
             ))));
         }
     }
-    let model = Llama::new(config, seed, &device)
-        .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
+    let model = Llama::new(config, seed, &compute.device)
+        .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?
+        .with_compute_dtype(compute.dtype);
     Ok(ModelHandle {
         model: Arc::new(model),
         tokenizer,
@@ -156,9 +157,10 @@ pub fn load(lua: &Lua, (path, options): (String, Option<Value>)) -> mlua::Result
         }
     }
     let ckpt = crate::ckpt::load(std::path::Path::new(&path)).map_err(mlua::Error::runtime)?;
-    let device = lock(&context(lua)?).opts.device.clone();
-    let model = Llama::new(ckpt.meta.model.clone(), 0, &device)
-        .map_err(|e| mlua::Error::runtime(e.to_string()))?;
+    let compute = lock(&context(lua)?).opts.compute.clone();
+    let model = Llama::new(ckpt.meta.model.clone(), 0, &compute.device)
+        .map_err(|e| mlua::Error::runtime(e.to_string()))?
+        .with_compute_dtype(compute.dtype);
     model
         .load_params(&ckpt.group("model."))
         .map_err(|e| mlua::Error::runtime(format!("{path}: {e}")))?;

@@ -107,13 +107,23 @@ fn restore(
         .map_err(|e| {
             mlua::Error::external(Refused(format!("checkpoint {}: {e}", ckpt.path.display())))
         })?;
+    // Checkpoints are device- and dtype-independent: moments come back onto this run's device
+    // in the master weights' dtype, wherever and in whatever layout they were written.
     let device = model.model.device().clone();
+    let master = model
+        .model
+        .params()
+        .values()
+        .next()
+        .map(|v| v.dtype())
+        .unwrap_or(candle_core::DType::F32);
     let to_dev = |m: std::collections::BTreeMap<String, candle_core::Tensor>| -> mlua::Result<_> {
         m.into_iter()
             .map(|(k, t)| {
                 Ok((
                     k,
                     t.to_device(&device)
+                        .and_then(|t| t.to_dtype(master))
                         .map_err(|e| mlua::Error::runtime(e.to_string()))?,
                 ))
             })

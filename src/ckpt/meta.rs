@@ -28,6 +28,10 @@ pub struct CkptMeta {
     pub started_unix: f64,
     pub saved_unix: f64,
     pub device: String,
+    /// Compute dtype of the run ("f32", "bf16"). Informational: weights and moments are
+    /// stored in f32 whatever it was, and a run may resume on another device or dtype.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
     #[serde(default)]
     pub loaders: BTreeMap<String, SavedLoader>,
     /// The recipe's own `wick.state` table.
@@ -82,4 +86,8 @@ pub fn format_unix(t: f64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+fn default_dtype() -> String {
+    "f32".into()
 }

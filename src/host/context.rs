@@ -4,8 +4,8 @@
 
 use crate::ckpt::Checkpoint;
 use crate::data::Loader;
+use crate::device::Compute;
 use crate::train::Session;
-use candle_core::Device;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 pub struct RunOptions {
     pub ckpt_path: PathBuf,
     pub seed: u64,
-    pub device: Device,
-    pub device_name: String,
+    /// Device and compute dtype (`--device`, `--dtype`).
+    pub compute: Compute,
     pub save_every: Option<u64>,
     pub recipe: Option<PathBuf>,
     pub recipe_hash: Option<String>,

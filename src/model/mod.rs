@@ -23,6 +23,10 @@ pub struct Llama {
     device: Device,
     /// Use the fused CPU ops (attention, cross-entropy); the composed path is the reference.
     pub fused_ops: bool,
+    /// Dtype of matrix products and attention. bf16 = mixed precision: parameters stay in
+    /// their own dtype (the master weights) and are cast at each use, so gradients and AdamW
+    /// stay f32; the residual stream, norms, softmax and the loss are computed in f32.
+    compute_dtype: DType,
     /// Off while evaluating or sampling (see `no_grad`).
     track_grad: AtomicBool,
 }
@@ -74,6 +78,7 @@ impl Llama {
             sin,
             device: device.clone(),
             track_grad: AtomicBool::new(true),
+            compute_dtype: dtype,
             // WICK_ATTENTION=composed selects the reference ops (for benchmarks and debugging).
             fused_ops: std::env::var("WICK_ATTENTION")
                 .map(|v| v != "composed")
@@ -110,6 +115,17 @@ impl Llama {
             v.push(("output.weight".to_string(), vec![c.vocab, c.dim]));
         }
         v
+    }
+
+    /// Compute in `dtype` (bf16 on a GPU); parameters keep theirs.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The parameters' dtype (f32; f64 in gradient checks).
+    fn master_dtype(&self) -> DType {
+        self.cos.dtype()
     }
 
     pub fn device(&self) -> &Device {
@@ -177,9 +193,10 @@ impl Llama {
         let mut x = emb
             .embedding(&tokens.flatten_all()?)?
             .reshape((b, t, c.dim))?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let mask = causal_mask(t, &self.device)?.to_dtype(self.cos.dtype())?;
+        let cd = self.compute_dtype;
+        let cos = self.cos.narrow(0, 0, t)?.to_dtype(cd)?;
+        let sin = self.sin.narrow(0, 0, t)?.to_dtype(cd)?;
+        let mask = causal_mask(t, &self.device)?.to_dtype(self.master_dtype())?;
         for i in 0..c.n_layers {
             let p = format!("layers.{i}");
             let h = rms_norm(
@@ -188,18 +205,27 @@ impl Llama {
                 c.norm_eps,
             )?;
             let a = self.attention(&h, &p, &cos, &sin, &mask)?;
+            let a = a.to_dtype(x.dtype())?;
             x = (x + a)?;
             let h = rms_norm(&x, &self.p(&format!("{p}.ffn_norm.weight"))?, c.norm_eps)?;
             let f = self.feed_forward(&h, &p)?;
+            let f = f.to_dtype(x.dtype())?;
             x = (x + f)?;
         }
         let x = rms_norm(&x, &self.p("norm.weight")?, c.norm_eps)?;
         let head = if c.tie_embeddings {
-            self.p("tok_embeddings.weight")?
+            "tok_embeddings.weight"
         } else {
-            self.p("output.weight")?
+            "output.weight"
         };
-        linear(&x, &head)
+        // Logits leave the model in the parameters' dtype (f32): the loss and sampling read them.
+        self.linear(&x, head)?.to_dtype(self.master_dtype())
+    }
+
+    /// x @ w^T in the compute dtype.
+    fn linear(&self, x: &Tensor, weight: &str) -> Result<Tensor> {
+        let cd = self.compute_dtype;
+        linear(&x.to_dtype(cd)?, &self.p(weight)?.to_dtype(cd)?)
     }
 
     fn attention(
@@ -213,9 +239,9 @@ impl Llama {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let hd = c.head_dim();
-        let q = linear(x, &self.p(&format!("{p}.attention.wq.weight"))?)?;
-        let k = linear(x, &self.p(&format!("{p}.attention.wk.weight"))?)?;
-        let v = linear(x, &self.p(&format!("{p}.attention.wv.weight"))?)?;
+        let q = self.linear(x, &format!("{p}.attention.wq.weight"))?;
+        let k = self.linear(x, &format!("{p}.attention.wk.weight"))?;
+        let v = self.linear(x, &format!("{p}.attention.wv.weight"))?;
         let q = q
             .reshape((b, t, c.n_heads, hd))?
             .transpose(1, 2)?
@@ -246,18 +272,23 @@ impl Llama {
                 },
             )?
         } else {
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-            softmax_last(&scores)?.matmul(&v)?
+            // Masked softmax in the master dtype whatever the compute dtype: bf16 loses too
+            // much in exp and the row sums.
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .to_dtype(self.master_dtype())?
+                .broadcast_add(mask)?;
+            let probs = softmax_last(&scores)?;
+            probs.to_dtype(v.dtype())?.matmul(&v)?
         }; // (b, h, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, c.dim))?;
-        linear(&y, &self.p(&format!("{p}.attention.wo.weight"))?)
+        self.linear(&y, &format!("{p}.attention.wo.weight"))
     }
 
     fn feed_forward(&self, x: &Tensor, p: &str) -> Result<Tensor> {
-        let gate = linear(x, &self.p(&format!("{p}.feed_forward.w1.weight"))?)?;
-        let up = linear(x, &self.p(&format!("{p}.feed_forward.w3.weight"))?)?;
+        let gate = self.linear(x, &format!("{p}.feed_forward.w1.weight"))?;
+        let up = self.linear(x, &format!("{p}.feed_forward.w3.weight"))?;
         let h = (gate.silu()? * up)?;
-        linear(&h, &self.p(&format!("{p}.feed_forward.w2.weight"))?)
+        self.linear(&h, &format!("{p}.feed_forward.w2.weight"))
     }
 
     /// Mean cross-entropy of next-token prediction. windows: (batch, seq+1) u32.

@@ -79,18 +79,22 @@ impl AdamW {
     ) -> std::result::Result<UpdateStats, UpdateError> {
         let mut named: Vec<(&String, &Var, Tensor)> = Vec::with_capacity(params.len());
         let mut sq_sum = 0f64;
+        // On a GPU the per-parameter sums stay there and are read back once: one
+        // synchronisation per step instead of one per parameter.
+        let mut device_sums = Vec::new();
         for (name, var) in params {
             if let Some(g) = grads.get(var.as_tensor()) {
-                sq_sum += match sum_squares_cpu(g) {
-                    Some(s) => s,
-                    None => g
-                        .sqr()?
-                        .sum_all()?
-                        .to_dtype(DType::F64)?
-                        .to_scalar::<f64>()?,
-                };
+                match sum_squares_cpu(g) {
+                    Some(s) => sq_sum += s,
+                    None => device_sums.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?),
+                }
                 named.push((name, var, g.clone()));
             }
+        }
+        if !device_sums.is_empty() {
+            sq_sum += Tensor::stack(&device_sums, 0)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         let grad_norm = sq_sum.sqrt();
         if !grad_norm.is_finite() {

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The GPU check of wick's CUDA build, on a machine with an NVIDIA GPU (a few minutes):
+#   0. clear errors for a bad GPU index and for missing CUDA libraries
+#   1. the tiny preset, 20 steps, on cuda (f32) and on the CPU from the same seed:
+#      losses agree to 1e-3 relative
+#   2. a bf16 run whose loss falls
+#   3. SIGINT during a cuda run -> exit 130 and a checkpoint that loads (and resumes) on the CPU
+#   4. tokens/s of the small config and of a 124M llama in bf16, beside PyTorch
+#      (shared/bench/torch_llama.py, when TORCH_BENCH points at it) on the same GPU, as ratios
+#
+# usage: scripts/gpu-check.sh [WICK]   WICK defaults to target/cuda/target/release/wick;
+#        a WICK.xz next to it is unpacked first. Results go to $RESULTS (default gpu-check-out/):
+#        summary.txt plus the logs and JSON of every step. Exit 0 when every check passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WICK=${1:-target/cuda/target/release/wick}
+RESULTS=${RESULTS:-gpu-check-out}
+mkdir -p "$RESULTS"
+SUMMARY=$RESULTS/summary.txt
+: >"$SUMMARY"
+FAILED=0
+say() { echo "$*" | tee -a "$SUMMARY"; }
+check() { # check NAME CONDITION-EXIT-CODE DETAIL
+  if [ "$2" = 0 ]; then say "PASS $1: $3"; else say "FAIL $1: $3"; FAILED=1; fi
+}
+
+if [ ! -x "$WICK" ] && [ -f "$WICK.xz" ]; then xz -dkf "$WICK.xz" && chmod +x "$WICK"; fi
+[ -x "$WICK" ] || { say "FAIL setup: no wick binary at $WICK (build it with scripts/build-cuda.sh)"; exit 1; }
+WICK=$(realpath "$WICK")
+
+# --- CUDA 13 libraries: cuBLAS(Lt) and cuRAND, loaded by the binary at run time ---------
+lib_dir() { # the first directory holding $1
+  local d sp
+  for d in ${CUDA_LIB_DIRS:-} /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -e "$d/$1" ] && { echo "$d"; return; }
+  done
+  for sp in $(python3 -c 'import site,sys; print(" ".join(site.getsitepackages()+sys.path))' 2>/dev/null); do
+    for d in "$sp/nvidia/cu13/lib" "$sp/nvidia/cublas/lib" "$sp/nvidia/curand/lib"; do
+      [ -e "$d/$1" ] && { echo "$d"; return; }
+    done
+  done
+  find /usr /opt /root -name "$1" -print -quit 2>/dev/null | xargs -r dirname
+}
+LIBS=""
+for l in libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
+  d=$(lib_dir "$l")
+  if [ -z "$d" ]; then say "FAIL setup: $l not found"; exit 1; fi
+  case ":$LIBS:" in *":$d:"*) ;; *) LIBS=${LIBS:+$LIBS:}$d ;; esac
+done
+export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+say "libraries: $LIBS"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
+export RUST_BACKTRACE=0
+
+# --- 0. errors, not crashes ---------------------------------------------------------------
+"$WICK" run scripts/gpu-check.lua --device cuda:97 --ckpt-dir "$RESULTS/e0" -- 1 >"$RESULTS/e0.log" 2>&1
+rc=$?; grep -q "cuda:97" "$RESULTS/e0.log"; check "bad GPU index" $(( rc == 2 ? $? : 1 )) "exit $rc: $(grep -m1 error "$RESULTS/e0.log")"
+env LD_LIBRARY_PATH=/nonexistent "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/e1" -- 1 >"$RESULTS/e1.log" 2>&1
+rc=$?
+if ldconfig -p | grep -q 'libcublas.so.13'; then
+  say "SKIP missing cuBLAS: the system's default library path has cuBLAS 13 (exit $rc)"
+else
+  grep -q "cannot load CUDA" "$RESULTS/e1.log"; check "missing cuBLAS" $(( rc == 2 ? $? : 1 )) "exit $rc: $(grep -m1 error "$RESULTS/e1.log")"
+fi
+
+# --- 1. CPU vs CUDA, f32, same seed --------------------------------------------------------
+losses() { python3 -c 'import json,sys; print(json.dumps([json.loads(l)["step_loss"] for l in open(sys.argv[1]) if "step_loss" in l]))' "$1"; }
+t0=$(date +%s.%N)
+timeout 300 "$WICK" run scripts/gpu-check.lua --device cpu --ckpt-dir "$RESULTS/cpu" -- 20 >"$RESULTS/cpu.log" 2>&1; rc_cpu=$?
+t1=$(date +%s.%N)
+timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda" -- 20 >"$RESULTS/cuda.log" 2>&1; rc_cuda=$?
+t2=$(date +%s.%N)
+say "cpu run exit $rc_cpu ($(python3 -c "print(round($t1-$t0,1))") s), cuda run exit $rc_cuda ($(python3 -c "print(round($t2-$t1,1))") s)"
+python3 - "$RESULTS/cpu/metrics.jsonl" "$RESULTS/cuda/metrics.jsonl" >"$RESULTS/parity.txt" 2>&1 <<'PY'
+import json, sys
+a = [json.loads(l)["step_loss"] for l in open(sys.argv[1]) if "step_loss" in l]
+b = [json.loads(l)["step_loss"] for l in open(sys.argv[2]) if "step_loss" in l]
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+print(f"steps {len(a)}/{len(b)}  first {a[0]:.6f}/{b[0]:.6f}  last {a[-1]:.6f}/{b[-1]:.6f}  max rel diff {rel:.2e}")
+sys.exit(0 if len(a) == len(b) == 20 and rel < 1e-3 else 1)
+PY
+check "cpu vs cuda f32 losses" $? "$(cat "$RESULTS/parity.txt" | tail -1)"
+
+# --- 2. bf16 learns ------------------------------------------------------------------------
+timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --dtype bf16 --ckpt-dir "$RESULTS/bf16" -- 60 3e-3 >"$RESULTS/bf16.log" 2>&1; rc=$?
+python3 - "$RESULTS/bf16/metrics.jsonl" >"$RESULTS/bf16.txt" 2>&1 <<'PY'
+import json, sys
+a = [json.loads(l)["step_loss"] for l in open(sys.argv[1]) if "step_loss" in l]
+head, tail = sum(a[:3]) / 3, sum(a[-5:]) / 5
+print(f"steps {len(a)}  first-3 mean {head:.4f}  last-5 mean {tail:.4f}")
+sys.exit(0 if len(a) == 60 and tail < head - 0.5 else 1)
+PY
+r=$?; check "bf16 loss falls" $(( rc == 0 ? r : 1 )) "exit $rc; $(tail -1 "$RESULTS/bf16.txt")"
+"$WICK" inspect "$RESULTS/bf16/full_model.ckpt" >"$RESULTS/bf16-inspect.txt" 2>&1
+check "bf16 checkpoint verifies on the CPU side" $? "$(grep -m1 -i dtype "$RESULTS/bf16-inspect.txt" || head -1 "$RESULTS/bf16-inspect.txt")"
+
+# --- 3. SIGINT during a cuda run -------------------------------------------------------------
+SIG=$RESULTS/sigint
+"$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$SIG" -- 1000000 >"$RESULTS/sigint.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do
+  [ -f "$SIG/metrics.jsonl" ] && [ "$(wc -l <"$SIG/metrics.jsonl")" -ge 30 ] && break
+  sleep 0.1
+done
+kill -INT $pid; wait $pid; rc=$?
+check "SIGINT exit code" $(( rc == 130 ? 0 : 1 )) "exit $rc"
+step=$("$WICK" inspect --json "$SIG/full_model.ckpt" 2>"$RESULTS/sigint-inspect.err" | python3 -c 'import json,sys; print(json.load(sys.stdin)["step"])')
+check "SIGINT checkpoint verifies" $? "step ${step:-?}"
+timeout 300 "$WICK" run scripts/gpu-check.lua --device cpu --ckpt-dir "$SIG" --resume -- $(( ${step:-0} + 3 )) >"$RESULTS/sigint-resume.log" 2>&1; rc=$?
+step2=$("$WICK" inspect --json "$SIG/full_model.ckpt" 2>/dev/null | python3 -c 'import json,sys; m=json.load(sys.stdin); print(m["step"], m["device"])')
+check "cuda checkpoint resumes on the CPU" $(( rc == 0 ? 0 : 1 )) "exit $rc, now at step/device: $step2"
+
+# --- 4. throughput beside PyTorch, bf16 -------------------------------------------------------
+TB=${TORCH_BENCH:-}
+for cfg in "small 288 6 6 32000 256" "124m 768 12 12 32000 1024"; do
+  set -- $cfg
+  timeout 240 "$WICK" bench train --device cuda --dtype bf16 --configs "$1" --steps 20 --warmup 3 \
+    >"$RESULTS/bench-$1.json" 2>"$RESULTS/bench-$1.err"
+  w=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_s"])' "$RESULTS/bench-$1.json" 2>/dev/null)
+  line="wick $1 bf16: ${w:-failed} tokens/s"
+  if [ -n "$TB" ] && [ -f "$TB" ]; then
+    timeout 240 python3 "$TB" --device cuda --dtype bf16 --quiet --dim "$2" --n-layers "$3" --n-heads "$4" \
+      --vocab "$5" --seq "$6" --batch 8 --warmup 3 --steps 20 >"$RESULTS/torch-$1.json" 2>"$RESULTS/torch-$1.err"
+    t=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["tokens_per_s"])' "$RESULTS/torch-$1.json" 2>/dev/null)
+    ratio=$(python3 -c "print(round(${w:-0}/${t:-1}, 3))" 2>/dev/null)
+    line="$line; torch ${t:-failed} tokens/s; wick/torch ${ratio:-?}"
+  fi
+  [ -n "$w" ]; check "bench $1" $? "$line"
+done
+
+say "done: $([ $FAILED = 0 ] && echo all checks passed || echo some checks FAILED)"
+exit $FAILED

@@ -1,0 +1,130 @@
+//! Choosing where training runs: `--device cpu|cuda[:N]` and `--dtype f32|bf16`.
+//!
+//! A CUDA build loads the CUDA libraries only when a GPU is asked for (see
+//! scripts/build-cuda.sh), and cudarc *panics* when one is missing. Opening the device here,
+//! once, with that panic caught, turns every missing piece — no CUDA in this build, no driver,
+//! no cuBLAS, no GPU — into an error that says what to install instead of a crash.
+
+use candle_core::{DType, Device};
+
+/// The compute device and dtype of a run, as the user named them.
+#[derive(Clone, Debug)]
+pub struct Compute {
+    pub device: Device,
+    /// Parameters, gradients and AdamW moments always stay f32; this is the dtype of the
+    /// matrix products and activations (bf16 = mixed precision with f32 master weights).
+    pub dtype: DType,
+    /// "cpu", "cuda:0", ...: recorded in checkpoints and metrics.
+    pub device_name: String,
+}
+
+impl Compute {
+    /// "f32" / "bf16", as `--dtype` spells it.
+    pub fn dtype_name(&self) -> &'static str {
+        dtype_name(self.dtype)
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "f32",
+    }
+}
+
+/// Parse `--device` and `--dtype` and open the device.
+pub fn open(device: &str, dtype: &str) -> Result<Compute, String> {
+    let dtype = match dtype {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => return Err(format!(
+            "unknown --dtype '{other}'; use f32, or bf16 (mixed precision with f32 master weights)"
+        )),
+    };
+    let (dev, name) = match device {
+        "cpu" => (Device::Cpu, "cpu".to_string()),
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let ordinal = match n.strip_prefix("cuda:") {
+                None => 0,
+                Some(k) => k.parse::<usize>().map_err(|_| {
+                    format!("--device {n}: the GPU index must be a number, as in cuda:0")
+                })?,
+            };
+            (open_cuda(ordinal)?, format!("cuda:{ordinal}"))
+        }
+        other => {
+            return Err(format!(
+                "unknown --device '{other}'; use cpu, cuda or cuda:N"
+            ))
+        }
+    };
+    Ok(Compute {
+        device: dev,
+        dtype,
+        device_name: name,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> Result<Device, String> {
+    Err(format!(
+        "--device cuda:{ordinal}: this wick was built without CUDA support; build one with scripts/build-cuda.sh (cargo build --release --features cuda)"
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Device, String> {
+    // cudarc panics when it cannot dlopen a library; silence the default hook for the
+    // duration so the user sees one clear error, not a panic message and a backtrace.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(previous);
+    match opened {
+        Ok(Ok(dev)) => Ok(dev),
+        Ok(Err(e)) => Err(format!(
+            "--device cuda:{ordinal}: cannot open the GPU: {}; check `nvidia-smi` and the GPU index",
+            first_line(&e.to_string())
+        )),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown failure".into());
+            let lib = msg
+                .split('"')
+                .nth(1)
+                .map(|l| format!(" (missing: the \"{l}\" library)"))
+                .unwrap_or_default();
+            Err(format!(
+                "--device cuda:{ordinal}: cannot load CUDA{lib}: {}. wick needs the NVIDIA driver (libcuda.so.1) and CUDA 13 copies of libcublas, libcublasLt and libcurand on LD_LIBRARY_PATH",
+                first_line(&msg)
+            ))
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked() {
+        assert!(open("cpu", "f32").is_ok());
+        assert_eq!(open("cpu", "bf16").unwrap().dtype_name(), "bf16");
+        let e = open("tpu", "f32").unwrap_err();
+        assert!(e.contains("unknown --device 'tpu'"), "{e}");
+        let e = open("cpu", "f8").unwrap_err();
+        assert!(e.contains("unknown --dtype 'f8'"), "{e}");
+        let e = open("cuda:x", "f32").unwrap_err();
+        assert!(e.contains("GPU index must be a number"), "{e}");
+    }
+}
