@@ -11,7 +11,7 @@ local session = wick.session{
 }
 local train = wick.data.loader{ source = wick.data.jsonl{ "data/sample/train" }, batch = 8, seq_len = 256 }
 
-print(("gpu-check: %d parameters on %s, %d steps"):format(model.params, wick.device, steps))
+print(("gpu-check: %d parameters on %s in %s, %d steps"):format(model.params, wick.device, wick.dtype, steps))
 for step in session:steps(steps) do
   local loss = session:step(train:next())
   wick.log{ step_loss = loss }

@@ -195,8 +195,8 @@ pub fn inspect(path: &Path, json: bool) -> i32 {
         m.optim.lr, m.optim.beta1, m.optim.beta2, m.optim.weight_decay, m.optim.clip, m.optim_step
     );
     println!(
-        "seed         {}   run {}   device {}",
-        m.seed, m.run_id, m.device
+        "seed         {}   run {}   device {}   dtype {} (weights stored f32)",
+        m.seed, m.run_id, m.device, m.dtype
     );
     if let Some(r) = &m.recipe {
         println!("recipe       {r}");

@@ -94,14 +94,20 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown failure".into());
-            let lib = msg
-                .split('"')
-                .nth(1)
-                .map(|l| format!(" (missing: the \"{l}\" library)"))
-                .unwrap_or_default();
+            // cudarc: `Unable to dynamically load the "cublas" shared library - searched ...`
+            let what = match msg.split('"').nth(1) {
+                Some(lib) if msg.starts_with("Unable to dynamically load") => {
+                    let file = match lib {
+                        "cuda" => "libcuda.so.1, from the NVIDIA driver".to_string(),
+                        "curand" => "libcurand.so.10".to_string(),
+                        other => format!("lib{other}.so.13"),
+                    };
+                    format!("the \"{lib}\" library ({file}) was not found")
+                }
+                _ => first_line(&msg).to_string(),
+            };
             Err(format!(
-                "--device cuda:{ordinal}: cannot load CUDA{lib}: {}. wick needs the NVIDIA driver (libcuda.so.1) and CUDA 13 copies of libcublas, libcublasLt and libcurand on LD_LIBRARY_PATH",
-                first_line(&msg)
+                "--device cuda:{ordinal}: cannot load CUDA: {what}. wick needs the NVIDIA driver (libcuda.so.1) and CUDA 13 copies of libcublas, libcublasLt and libcurand on LD_LIBRARY_PATH"
             ))
         }
     }

@@ -6,7 +6,8 @@
 ---@field args string[] Arguments after `--` on the command line (also Lua's `arg`).
 ---@field seed integer The run's seed (`--seed`).
 ---@field resumed boolean True when the run continues a checkpoint (`--resume`).
----@field device string The compute device (`cpu`).
+---@field device string The compute device (`cpu`, `cuda:0`, ...; `--device`).
+---@field dtype string The compute dtype (`f32` or `bf16`; `--dtype`). Weights stay f32.
 ---@field version string wick's version.
 ---@field state table Your own plain data, saved in the checkpoint and restored on resume.
 ---@field optim wick.optim

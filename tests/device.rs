@@ -13,7 +13,7 @@ local train = wick.data.loader{ source = wick.data.jsonl{ "corpus.jsonl" }, batc
 for step in session:steps(steps) do
   wick.log{ step_loss = session:step(train:next()) }
 end
-print("device " .. wick.device)
+print("device " .. wick.device .. " " .. wick.dtype)
 "#;
 
 fn assert_usage_error(o: &std::process::Output, needle: &str) {
@@ -194,7 +194,7 @@ fn checkpoints_from_a_gpu_run_and_in_bf16_resume_on_the_cpu() {
 
         let o = d.run("r.lua", &["--resume", "--", "5"]);
         assert_eq!(code(&o), 0, "{layout}: {}", stderr(&o));
-        assert!(stdout(&o).contains("device cpu"));
+        assert!(stdout(&o).contains("device cpu f32"));
         let resumed = losses(&d.join("ckpt/metrics.jsonl"));
         assert_eq!(resumed.len(), 5, "{layout}: {resumed:?}");
         for (i, (a, b)) in resumed.iter().zip(&reference).enumerate() {
@@ -261,6 +261,7 @@ fn bf16_mixed_precision_tracks_f32_and_keeps_f32_master_weights() {
     let bf16_run = setup();
     let o = bf16_run.run("r.lua", &["--dtype", "bf16", "--", "12"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("device cpu bf16"));
     let (a, b) = (
         losses(&f32_run.join("ckpt/metrics.jsonl")),
         losses(&bf16_run.join("ckpt/metrics.jsonl")),

@@ -33,14 +33,17 @@ pub fn check_stop() -> mlua::Result<()> {
 
 pub fn install(lua: &Lua) -> mlua::Result<()> {
     let ctx = context(lua)?;
-    let (args, seed, resumed, state, device, recipe, ckpt_dir) = {
+    let (args, seed, resumed, state, (device, dtype), recipe, ckpt_dir) = {
         let c = lock(&ctx);
         (
             c.opts.args.clone(),
             c.opts.seed,
             c.resume.is_some(),
             c.resume.as_ref().map(|r| r.meta.state.clone()),
-            c.opts.compute.device_name.clone(),
+            (
+                c.opts.compute.device_name.clone(),
+                c.opts.compute.dtype_name(),
+            ),
             c.opts.recipe.clone(),
             c.ckpt_dir(),
         )
@@ -50,6 +53,7 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     wick.set("seed", seed)?;
     wick.set("resumed", resumed)?;
     wick.set("device", device)?;
+    wick.set("dtype", dtype)?;
     wick.set("version", env!("CARGO_PKG_VERSION"))?;
     wick.set("ckpt_dir", ckpt_dir.display().to_string())?;
     let state = match state {
