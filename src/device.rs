@@ -39,9 +39,11 @@ pub fn open(device: &str, dtype: &str) -> Result<Compute, String> {
     let dtype = match dtype {
         "f32" | "fp32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "unknown --dtype '{other}'; use f32, or bf16 (mixed precision with f32 master weights)"
-        )),
+        ))
+        }
     };
     let (dev, name) = match device {
         "cpu" => (Device::Cpu, "cpu".to_string()),

@@ -4,6 +4,7 @@
 
 pub mod attention;
 mod config;
+mod cpu_step;
 pub mod cross_entropy;
 pub mod generate;
 
@@ -177,6 +178,25 @@ impl Llama {
             var.set(&t.to_device(&self.device)?.to_dtype(var.dtype())?)?;
         }
         Ok(())
+    }
+
+    /// Whether training steps take the hand-written CPU path (f32 on the CPU, fused ops on).
+    pub fn has_cpu_step(&self) -> bool {
+        self.fused_ops
+            && self.device.is_cpu()
+            && self.compute_dtype == DType::F32
+            && self.master_dtype() == DType::F32
+    }
+
+    /// Loss and named gradients of one batch of windows (batch rows of `width` tokens), on the
+    /// hand-written CPU path.
+    pub fn cpu_loss_and_grads(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        width: usize,
+    ) -> Result<cpu_step::StepResult> {
+        cpu_step::loss_and_grads(self, tokens, batch, width)
     }
 
     /// tokens: (batch, time) u32 → logits (batch, time, vocab).

@@ -2,7 +2,6 @@
 //! tensors that a checkpoint can save and restore, it decays only matrices, and it clips the
 //! global gradient norm. Torch7's optim is the model: state is data.
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -73,7 +72,7 @@ impl AdamW {
     pub fn update(
         &mut self,
         params: &BTreeMap<String, Var>,
-        grads: &GradStore,
+        grads: &BTreeMap<String, Tensor>,
         lr: f64,
         decayed: impl Fn(&str) -> bool,
     ) -> std::result::Result<UpdateStats, UpdateError> {
@@ -83,7 +82,7 @@ impl AdamW {
         // synchronisation per step instead of one per parameter.
         let mut device_sums = Vec::new();
         for (name, var) in params {
-            if let Some(g) = grads.get(var.as_tensor()) {
+            if let Some(g) = grads.get(name) {
                 match sum_squares_cpu(g) {
                     Some(s) => sq_sum += s,
                     None => device_sums.push(g.sqr()?.sum_all()?.to_dtype(DType::F64)?),

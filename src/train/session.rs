@@ -111,18 +111,35 @@ impl Session {
             .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
         let next_step = self.step + 1;
         let t0 = Instant::now();
-        let input = windows.to_tensor(&self.model)?;
-        let loss = self.model.loss(&input)?;
-        let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let t1 = Instant::now();
+        let (loss_value, grads, t1) = if self.model.has_cpu_step() {
+            // Forward and backward in one hand-written pass (see model/cpu_step.rs).
+            let r = self
+                .model
+                .cpu_loss_and_grads(&windows.tokens, windows.batch, windows.width)?;
+            (r.loss, r.grads, Instant::now())
+        } else {
+            let input = windows.to_tensor(&self.model)?;
+            let loss = self.model.loss(&input)?;
+            let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let t1 = Instant::now();
+            let grads = if loss_value.is_finite() {
+                let store = loss.backward()?;
+                self.model
+                    .params()
+                    .iter()
+                    .filter_map(|(n, v)| store.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+                    .collect()
+            } else {
+                Default::default()
+            };
+            (loss_value, grads, t1)
+        };
         if !loss_value.is_finite() {
             return Err(StepError::Diverged {
                 step: next_step,
                 what: format!("loss is {loss_value}"),
             });
         }
-        let grads = loss.backward()?;
-        drop(loss);
         let t2 = Instant::now();
         let lr = self.lr;
         let stats = match self
