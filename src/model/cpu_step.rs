@@ -11,6 +11,7 @@
 //! Determinism: every reduction has a fixed order that does not depend on the thread count
 //! (row chunks of a fixed size, partial sums added in chunk order; gemm splits only the output).
 
+use super::kernels::{causal_softmax, cross_entropy_row, swiglu, swiglu_backward};
 use super::Llama;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -115,28 +116,6 @@ fn matmul_on(
             false,
             parallelism,
         )
-    }
-}
-
-/// Causal softmax of one head's scores in place: p = softmax(s·scale) over j ≤ i, 0 above.
-fn causal_softmax(s: &mut [f32], t: usize, scale: f32) {
-    for (i, row) in s.chunks_mut(t).enumerate() {
-        let (live, masked) = row.split_at_mut(i + 1);
-        let mut m = f32::NEG_INFINITY;
-        for x in live.iter_mut() {
-            *x *= scale;
-            m = m.max(*x);
-        }
-        let mut sum = 0.0;
-        for x in live.iter_mut() {
-            *x = (*x - m).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for x in live.iter_mut() {
-            *x *= inv;
-        }
-        masked.fill(0.0);
     }
 }
 
@@ -361,10 +340,6 @@ fn from_heads(src: &[f32], heads: usize, g: Dims, rope: Option<(&[f32], &[f32])>
     out
 }
 
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
 /// What the backward pass needs from one layer's forward.
 struct LayerActs {
     x_in: Vec<f32>,
@@ -473,11 +448,7 @@ pub fn loss_and_grads(
         let mut act = vec![0f32; n * f];
         act.par_chunks_mut(f * ROWS)
             .zip(gate.par_chunks(f * ROWS).zip(up.par_chunks(f * ROWS)))
-            .for_each(|(a, (gt, u))| {
-                for ((a, gt), u) in a.iter_mut().zip(gt).zip(u) {
-                    *a = silu(*gt) * u;
-                }
-            });
+            .for_each(|(a, (gt, u))| swiglu(a, gt, u));
         let mut x_out = vec![0f32; n * c];
         linear(&mut x_out, &act, p("feed_forward.w2")?, n, f, c);
         x_out.par_iter_mut().zip(&x_mid).for_each(|(a, x)| *a += x);
@@ -517,17 +488,7 @@ pub fn loss_and_grads(
     let row_losses: Vec<f32> = logits
         .par_chunks_mut(v)
         .zip(&targets)
-        .map(|(row, &t)| {
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = row.iter().map(|&z| (z - m).exp()).sum();
-            let lse = m + s.ln();
-            let loss = lse - row[t];
-            for z in row.iter_mut() {
-                *z = (*z - lse).exp() * inv_n;
-            }
-            row[t] -= inv_n;
-            loss
-        })
+        .map(|(row, &t)| cross_entropy_row(row, t, inv_n))
         .collect();
     let loss = row_losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
     let dlogits = logits;
@@ -560,15 +521,7 @@ pub fn loss_and_grads(
         dact.par_chunks_mut(f * ROWS)
             .zip(dup.par_chunks_mut(f * ROWS))
             .zip(a.gate.par_chunks(f * ROWS))
-            .for_each(|((da, u), gt)| {
-                for ((da, u), &gt) in da.iter_mut().zip(u.iter_mut()).zip(gt) {
-                    let sig = 1.0 / (1.0 + (-gt).exp());
-                    let s = gt * sig;
-                    let d_gate = *da * *u * sig * (1.0 + gt * (1.0 - sig));
-                    *u = *da * s;
-                    *da = d_gate;
-                }
-            });
+            .for_each(|((da, u), gt)| swiglu_backward(da, u, gt));
         let dgate = dact;
         let mut dw1 = vec![0f32; f * c];
         let mut dw3 = vec![0f32; f * c];

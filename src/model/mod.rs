@@ -7,6 +7,7 @@ mod config;
 mod cpu_step;
 pub mod cross_entropy;
 pub mod generate;
+mod kernels;
 
 pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
 
