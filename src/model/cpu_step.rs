@@ -11,7 +11,9 @@
 //! Determinism: every reduction has a fixed order that does not depend on the thread count
 //! (row chunks of a fixed size, partial sums added in chunk order; gemm splits only the output).
 
-use super::kernels::{causal_softmax, cross_entropy_row, swiglu, swiglu_backward};
+use super::kernels::{
+    causal_softmax, cross_entropy_row, softmax_backward, swiglu, swiglu_backward,
+};
 use super::Llama;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -119,8 +121,56 @@ fn matmul_on(
     }
 }
 
-/// One head of causal attention as two matrix products: o = softmax(q·kᵀ·scale)·v.
-/// q, k, v, o are (t × d); `p` is a (t × t) scratch buffer.
+/// `matmul_on` into a destination with row stride `ldc` (a block of a wider matrix).
+fn matmul_strided(
+    c: &mut [f32],
+    ldc: usize,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(n <= ldc && c.len() >= (m - 1) * ldc + n);
+    assert!(a.0.len() >= (m - 1) * a.1 + (k - 1) * a.2 + 1);
+    assert!(b.0.len() >= (k - 1) * b.1 + (n - 1) * b.2 + 1);
+    // SAFETY: as in `matmul_on`, with the destination's rows `ldc` apart inside `c`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Query rows per causal block: block r multiplies only against keys 0..end of that block, so
+/// the products skip most of the masked upper triangle.
+const BLOCK: usize = 64;
+
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t.div_ceil(BLOCK)).map(move |r| (r * BLOCK, ((r + 1) * BLOCK).min(t)))
+}
+
+/// One head of causal attention: p = softmax(q·kᵀ·scale) (rows × keys, row stride t, only the
+/// causal part written), o = p·v. q, k, v, o are (t × d).
+#[allow(clippy::too_many_arguments)]
 fn attention_head(
     q: &[f32],
     k: &[f32],
@@ -132,43 +182,105 @@ fn attention_head(
     scale: f32,
 ) {
     let one = gemm::Parallelism::None;
-    matmul_on(p, (q, d, 1), (k, 1, d), (t, t, d), false, one);
-    causal_softmax(p, t, scale);
-    matmul_on(o, (p, t, 1), (v, d, 1), (t, d, t), false, one);
+    for (i0, i1) in blocks(t) {
+        let rows = i1 - i0;
+        let pb = &mut p[i0 * t..];
+        matmul_strided(
+            pb,
+            t,
+            (&q[i0 * d..], d, 1),
+            (k, 1, d),
+            (rows, i1, d),
+            false,
+            one,
+        );
+        causal_softmax(pb, t, i0, rows, scale);
+        matmul_on(
+            &mut o[i0 * d..i1 * d],
+            (pb, t, 1),
+            (v, d, 1),
+            (rows, d, i1),
+            false,
+            one,
+        );
+    }
 }
 
-/// Backward of `attention_head`, recomputing the probabilities instead of storing (t × t) per
-/// head: dq = ds·k, dk += dsᵀ·q, dv += pᵀ·do with ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))·scale.
-/// dk and dv accumulate, so query heads sharing a key/value head (GQA) add into them in turn.
+/// Backward of `attention_head`: dq = ds·k, dk += dsᵀ·q, dv += pᵀ·do, with
+/// ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))·scale; p and ds are (t × t) scratch. dk and dv accumulate, so query heads
+/// sharing a key/value head (GQA) add into them in turn.
 #[allow(clippy::too_many_arguments)]
 fn attention_head_backward(
     (q, k, v, o, dout): (&[f32], &[f32], &[f32], &[f32], &[f32]),
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
-    p: &mut [f32],
-    ds: &mut [f32],
+    (p, ds): (&mut [f32], &mut [f32]),
     t: usize,
     d: usize,
     scale: f32,
 ) {
     let one = gemm::Parallelism::None;
-    matmul_on(p, (q, d, 1), (k, 1, d), (t, t, d), false, one);
-    causal_softmax(p, t, scale);
-    matmul_on(ds, (dout, d, 1), (v, 1, d), (t, t, d), false, one);
-    for i in 0..t {
-        let di: f32 = dout[i * d..(i + 1) * d]
-            .iter()
-            .zip(&o[i * d..(i + 1) * d])
-            .map(|(a, b)| a * b)
-            .sum();
-        let (prow, drow) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
-        for j in 0..=i {
-            drow[j] = prow[j] * (drow[j] - di) * scale;
-        }
-        drow[i + 1..].fill(0.0);
+    for (i0, i1) in blocks(t) {
+        let rows = i1 - i0;
+        // Recomputing the probabilities (one small product per block) is faster than keeping
+        // them from the forward: a head's (t × t) block stays in cache instead of streaming
+        // b·h·t² floats per layer through memory.
+        let pb = &mut p[i0 * t..];
+        matmul_strided(
+            pb,
+            t,
+            (&q[i0 * d..], d, 1),
+            (k, 1, d),
+            (rows, i1, d),
+            false,
+            one,
+        );
+        causal_softmax(pb, t, i0, rows, scale);
+        let db = &mut ds[i0 * t..];
+        matmul_strided(
+            db,
+            t,
+            (&dout[i0 * d..], d, 1),
+            (v, 1, d),
+            (rows, i1, d),
+            false,
+            one,
+        );
+        softmax_backward(
+            db,
+            pb,
+            t,
+            i0,
+            rows,
+            &dout[i0 * d..i1 * d],
+            &o[i0 * d..i1 * d],
+            d,
+            scale,
+        );
+        matmul_on(
+            &mut dq[i0 * d..i1 * d],
+            (db, t, 1),
+            (k, d, 1),
+            (rows, d, i1),
+            false,
+            one,
+        );
+        matmul_on(
+            &mut dk[..i1 * d],
+            (db, 1, t),
+            (&q[i0 * d..], d, 1),
+            (i1, d, rows),
+            true,
+            one,
+        );
+        matmul_on(
+            &mut dv[..i1 * d],
+            (pb, 1, t),
+            (&dout[i0 * d..], d, 1),
+            (i1, d, rows),
+            true,
+            one,
+        );
     }
-    matmul_on(dq, (ds, t, 1), (k, d, 1), (t, d, t), false, one);
-    matmul_on(dk, (ds, 1, t), (q, d, 1), (t, d, t), true, one);
-    matmul_on(dv, (p, 1, t), (dout, d, 1), (t, d, t), true, one);
 }
 
 /// y (rows×out) = x (rows×inp) · wᵀ, w being (out×inp) as stored.
@@ -420,20 +532,20 @@ pub fn loss_and_grads(
         let k = to_heads(&k, g.kv, g, rope);
         let vv = to_heads(&vv, g.kv, g, None);
         let mut o = vec![0f32; n * c];
-        let (td, rep) = (g.t * g.d, g.h / g.kv);
-        o.par_chunks_mut(td).enumerate().for_each_init(
-            || vec![0f32; g.t * g.t],
-            |p, (bh, o)| {
-                let (b, h) = (bh / g.h, bh % g.h);
-                let kvb = (b * g.kv + h / rep) * td;
-                let (q, k, v) = (
-                    &q[bh * td..(bh + 1) * td],
-                    &k[kvb..kvb + td],
-                    &vv[kvb..kvb + td],
-                );
-                attention_head(q, k, v, o, p, g.t, g.d, scale);
-            },
-        );
+        let (td, tt, rep) = (g.t * g.d, g.t * g.t, g.h / g.kv);
+        let head = |bh: usize, o: &mut [f32], p: &mut [f32]| {
+            let (b, h) = (bh / g.h, bh % g.h);
+            let kvb = (b * g.kv + h / rep) * td;
+            let (q, k, v) = (
+                &q[bh * td..(bh + 1) * td],
+                &k[kvb..kvb + td],
+                &vv[kvb..kvb + td],
+            );
+            attention_head(q, k, v, o, p, g.t, g.d, scale);
+        };
+        o.par_chunks_mut(td)
+            .enumerate()
+            .for_each_init(|| vec![0f32; tt], |p, (bh, o)| head(bh, o, p));
         let y = from_heads(&o, g.h, g, None);
         let mut x_mid = vec![0f32; n * c];
         linear(&mut x_mid, &y, p("attention.wo")?, n, c, c);
@@ -553,7 +665,7 @@ pub fn loss_and_grads(
         linear_dx(&mut dy, &dx, p("attention.wo")?, n, c, c, false);
         let dout = to_heads(&dy, g.h, g, None);
         drop(dy);
-        let (td, rep) = (g.t * g.d, g.h / g.kv);
+        let (td, tt, rep) = (g.t * g.d, g.t * g.t, g.h / g.kv);
         let mut dq = vec![0f32; n * c];
         let mut dk = vec![0f32; n * kvc];
         let mut dv = vec![0f32; n * kvc];
@@ -563,11 +675,12 @@ pub fn loss_and_grads(
             .zip(dv.par_chunks_mut(td))
             .enumerate()
             .for_each_init(
-                || (vec![0f32; g.t * g.t], vec![0f32; g.t * g.t]),
+                || (vec![0f32; tt], vec![0f32; tt]),
                 |(p, ds), (bkv, ((dq, dk), dv))| {
                     let kv = bkv * td..(bkv + 1) * td;
                     for r in 0..rep {
-                        let qh = (bkv * rep + r) * td..(bkv * rep + r + 1) * td;
+                        let bh = bkv * rep + r;
+                        let qh = bh * td..(bh + 1) * td;
                         attention_head_backward(
                             (
                                 &a.q[qh.clone()],
@@ -577,8 +690,7 @@ pub fn loss_and_grads(
                                 &dout[qh],
                             ),
                             (&mut dq[r * td..(r + 1) * td], &mut *dk, &mut *dv),
-                            p,
-                            ds,
+                            (p, ds),
                             g.t,
                             g.d,
                             scale,
@@ -669,9 +781,18 @@ mod tests {
     /// tied and untied heads, and windows shorter than seq_len.
     #[test]
     fn matches_the_autograd_reference() {
-        for (kv, tie) in [(4, false), (2, true), (1, false)] {
-            let mut model = Llama::new(config(kv, tie), 5, &Device::Cpu).unwrap();
-            let (batch, width) = (3, 12);
+        // Windows longer than one causal block (64 rows) too.
+        for (kv, tie, width) in [
+            (4, false, 12),
+            (2, true, 12),
+            (1, false, 12),
+            (2, false, 150),
+            (4, true, 150),
+        ] {
+            let mut c = config(kv, tie);
+            c.seq_len = 160;
+            let mut model = Llama::new(c, 5, &Device::Cpu).unwrap();
+            let batch = 3;
             let mut s = 12345u64;
             let tokens: Vec<u32> = (0..batch * width)
                 .map(|_| {

@@ -112,20 +112,68 @@ multiversion! {
 }
 
 multiversion! {
-    /// Causal softmax of a (t × t) score block in place: row i is softmax(s·scale) over
-    /// columns 0..=i and 0 above the diagonal.
-    pub fn causal_softmax(s: &mut [f32], t: usize, scale: f32) {
-        for (i, row) in s.chunks_mut(t).enumerate() {
-            let (live, masked) = row.split_at_mut(i + 1);
-            for x in live.iter_mut() {
-                *x *= scale;
-            }
+    /// Causal softmax in place for query rows first..first+rows of a score block whose rows
+    /// are `stride` apart: row i becomes softmax(s·scale) over columns 0..=i, and columns
+    /// i+1..first+rows (the block's own upper triangle, which the next products read) become 0.
+    pub fn causal_softmax(s: &mut [f32], stride: usize, first: usize, rows: usize, scale: f32) {
+        for r in 0..rows {
+            let i = first + r;
+            s[r * stride + i + 1..r * stride + first + rows].fill(0.0);
+            let live = &mut s[r * stride..r * stride + i + 1];
+            // max(s)·scale = max(s·scale) for scale > 0: the scaling folds into the exp pass.
             let m = lanes_max(live);
-            let inv = 1.0 / exp_shift_sum(live, m);
+            let mut acc = [0f32; LANES];
+            let mut chunks = live.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    c[l] = exp((c[l] - m) * scale);
+                    acc[l] += c[l];
+                }
+            }
+            let mut sum = 0f32;
+            for v in chunks.into_remainder() {
+                *v = exp((*v - m) * scale);
+                sum += *v;
+            }
+            let mut total = 0f32;
+            for a in acc {
+                total += a;
+            }
+            let inv = 1.0 / (total + sum);
             for x in live.iter_mut() {
                 *x *= inv;
             }
-            masked.fill(0.0);
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax backward for the same rows: ds ← p ⊙ (ds − rowsum(dout ⊙ o))·scale over the
+    /// causal columns (0 in the block's upper triangle), where ds arrives holding dout·vᵀ.
+    /// dout and o are (rows × d).
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_backward(
+        ds: &mut [f32],
+        p: &[f32],
+        stride: usize,
+        first: usize,
+        rows: usize,
+        dout: &[f32],
+        o: &[f32],
+        d: usize,
+        scale: f32,
+    ) {
+        for r in 0..rows {
+            let i = first + r;
+            let mut di = 0f32;
+            for (a, b) in dout[r * d..(r + 1) * d].iter().zip(&o[r * d..(r + 1) * d]) {
+                di += a * b;
+            }
+            ds[r * stride + i + 1..r * stride + first + rows].fill(0.0);
+            let row = &mut ds[r * stride..r * stride + i + 1];
+            for (x, &pj) in row.iter_mut().zip(&p[r * stride..r * stride + i + 1]) {
+                *x = pj * (*x - di) * scale;
+            }
         }
     }
 }
