@@ -122,8 +122,11 @@ fn restore(
             .map(|(k, t)| {
                 Ok((
                     k,
+                    // A copy: AdamW updates moments in place, and these tensors are
+                    // shared with the loaded checkpoint.
                     t.to_device(&device)
                         .and_then(|t| t.to_dtype(master))
+                        .and_then(|t| t.copy())
                         .map_err(|e| mlua::Error::runtime(e.to_string()))?,
                 ))
             })

@@ -2,7 +2,7 @@
 //! tensors that a checkpoint can save and restore, it decays only matrices, and it clips the
 //! global gradient norm. Torch7's optim is the model: state is data.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -113,7 +113,8 @@ impl AdamW {
         });
         for (name, var, g) in named {
             if fast {
-                // One multi-threaded pass over plain slices instead of a dozen tensor ops.
+                // Multi-threaded passes over the tensors' own storage instead of a dozen
+                // tensor ops, each allocating.
                 let hyper = Hyper {
                     lr: lr as f32,
                     decay: if decayed(name) {
@@ -128,14 +129,15 @@ impl AdamW {
                     eps: c.eps as f32,
                     scale: scale as f32,
                 };
-                let (p, m, v) = update_cpu(
-                    var.as_tensor(),
-                    &g,
-                    self.m.get(name),
-                    self.v.get(name),
-                    &hyper,
-                )?;
-                var.set(&p)?;
+                let m = match self.m.get(name) {
+                    Some(m) => m.clone(),
+                    None => g.zeros_like()?,
+                };
+                let v = match self.v.get(name) {
+                    Some(v) => v.clone(),
+                    None => g.zeros_like()?,
+                };
+                update_in_place(var.as_tensor(), &g, &m, &v, &hyper)?;
                 self.m.insert(name.clone(), m);
                 self.v.insert(name.clone(), v);
                 continue;
@@ -190,50 +192,120 @@ fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
     }
 }
 
-fn f32_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+/// The first moment (`square` false) or second moment (true) updated in place from the
+/// gradient: m ← β·m + (1−β)·(g·scale)[²]. In parallel over fixed chunks: elementwise, so the
+/// result does not depend on the thread count.
+struct MomentUpdate {
+    beta: f32,
+    scale: f32,
+    square: bool,
 }
 
-/// AdamW on CPU slices: new (param, m, v), each element computed in one pass, in parallel over
-/// chunks. Elementwise, so the result does not depend on the thread count.
-fn update_cpu(
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected a contiguous f32 tensor"),
+    }
+}
+
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected a contiguous f32 tensor"),
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (f32_slice_mut(s1, l1)?, f32_slice(s2, l2)?);
+        let (beta, scale, square) = (self.beta, self.scale, self.square);
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let gi = g * scale;
+                    *m = beta * *m + (1.0 - beta) * if square { gi * gi } else { gi };
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The parameter step in place from the updated moments:
+/// p ← p·decay − lr·(m/bc1)/(√(v/bc2) + eps).
+struct ParamUpdate<'a>(&'a Hyper);
+
+impl InplaceOp3 for ParamUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let h = self.0;
+        let (p, m, v) = (
+            f32_slice_mut(s1, l1)?,
+            f32_slice(s2, l2)?,
+            f32_slice(s3, l3)?,
+        );
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let step = (m / h.bc1) / ((v / h.bc2).sqrt() + h.eps);
+                    *p = *p * h.decay - h.lr * step;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// AdamW on a CPU parameter without allocating: the moments and the parameter are updated in
+/// their own storage (three passes, no copies: candle's `Var::set` would copy the whole
+/// parameter, and fresh buffers cost page faults every step).
+fn update_in_place(
     p: &Tensor,
     g: &Tensor,
-    m: Option<&Tensor>,
-    v: Option<&Tensor>,
+    m: &Tensor,
+    v: &Tensor,
     h: &Hyper,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let shape = p.shape().clone();
-    let dev = p.device().clone();
-    let mut pv = f32_vec(p)?;
-    let gv = f32_vec(g)?;
-    let mut mv = match m {
-        Some(m) => f32_vec(m)?,
-        None => vec![0f32; gv.len()],
-    };
-    let mut vv = match v {
-        Some(v) => f32_vec(v)?,
-        None => vec![0f32; gv.len()],
-    };
-    const CHUNK: usize = 1 << 14;
-    pv.par_chunks_mut(CHUNK)
-        .zip(mv.par_chunks_mut(CHUNK))
-        .zip(vv.par_chunks_mut(CHUNK))
-        .zip(gv.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let gi = g[i] * h.scale;
-                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
-                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
-                let step = (m[i] / h.bc1) / ((v[i] / h.bc2).sqrt() + h.eps);
-                p[i] = p[i] * h.decay - h.lr * step;
-            }
-        });
-    Ok((
-        Tensor::from_vec(pv, &shape, &dev)?,
-        Tensor::from_vec(mv, &shape, &dev)?,
-        Tensor::from_vec(vv, &shape, &dev)?,
-    ))
+) -> candle_core::Result<()> {
+    m.inplace_op2(
+        g,
+        &MomentUpdate {
+            beta: h.beta1,
+            scale: h.scale,
+            square: false,
+        },
+    )?;
+    v.inplace_op2(
+        g,
+        &MomentUpdate {
+            beta: h.beta2,
+            scale: h.scale,
+            square: true,
+        },
+    )?;
+    p.inplace_op3(m, v, &ParamUpdate(h))
 }
 
 #[cfg(test)]
@@ -261,7 +333,8 @@ mod tests {
             eps: eps as f32,
             scale: sc as f32,
         };
-        let (p, m, v) = update_cpu(&p0, &g, Some(&m0), Some(&v0), &h).unwrap();
+        let (p, m, v) = (p0.copy().unwrap(), m0.copy().unwrap(), v0.copy().unwrap());
+        update_in_place(&p, &g, &m, &v, &h).unwrap();
         let gs = (&g * sc).unwrap();
         let m_ref = ((&m0 * b1).unwrap() + (&gs * (1.0 - b1)).unwrap()).unwrap();
         let v_ref = ((&v0 * b2).unwrap() + (gs.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
