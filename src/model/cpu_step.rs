@@ -26,6 +26,8 @@ pub struct StepResult {
     pub loss: f64,
     /// Gradient of the mean loss for every parameter, by name.
     pub grads: BTreeMap<String, Tensor>,
+    /// When the forward pass (through the loss) ended and the backward began.
+    pub forward_done: std::time::Instant,
 }
 
 /// Borrowed f32 views of the model's parameters (the read guards stay alive in `guards`).
@@ -604,6 +606,7 @@ pub fn loss_and_grads(
         .collect();
     let loss = row_losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
     let dlogits = logits;
+    let forward_done = std::time::Instant::now();
 
     // ---- backward ----
     let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
@@ -752,7 +755,11 @@ pub fn loss_and_grads(
             Tensor::from_vec(gvec, var.shape(), var.device())?,
         );
     }
-    Ok(StepResult { loss, grads: out })
+    Ok(StepResult {
+        loss,
+        grads: out,
+        forward_done,
+    })
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ impl Session {
             let r = self
                 .model
                 .cpu_loss_and_grads(&windows.tokens, windows.batch, windows.width)?;
-            (r.loss, r.grads, Instant::now())
+            (r.loss, r.grads, r.forward_done)
         } else {
             let input = windows.to_tensor(&self.model)?;
             let loss = self.model.loss(&input)?;
