@@ -12,7 +12,7 @@
 //! (row chunks of a fixed size, partial sums added in chunk order; gemm splits only the output).
 
 use super::kernels::{
-    causal_softmax, cross_entropy_row, softmax_backward, swiglu, swiglu_backward,
+    causal_exp, causal_probs, cross_entropy_row, softmax_backward, swiglu, swiglu_backward,
 };
 use super::Llama;
 use candle_core::{Result, Tensor};
@@ -170,19 +170,23 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(BLOCK)).map(move |r| (r * BLOCK, ((r + 1) * BLOCK).min(t)))
 }
 
-/// One head of causal attention: p = softmax(q·kᵀ·scale) (rows × keys, row stride t, only the
-/// causal part written), o = p·v. q, k, v, o are (t × d).
+/// One head of causal attention: o = softmax(q·kᵀ·scale)·v, with each row's log-sum-exp
+/// saved in `lse` so the backward recomputes probabilities in one pass. The exponentials are
+/// multiplied by v unnormalised and the (t × d) output rows scaled afterwards, which is
+/// cheaper than normalising (t × t) probabilities. q, k, v, o are (t × d); p is scratch.
 #[allow(clippy::too_many_arguments)]
 fn attention_head(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     o: &mut [f32],
+    lse: &mut [f32],
     p: &mut [f32],
     t: usize,
     d: usize,
     scale: f32,
 ) {
+    let mut inv = [0f32; BLOCK];
     let one = gemm::Parallelism::None;
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
@@ -196,15 +200,14 @@ fn attention_head(
             false,
             one,
         );
-        causal_softmax(pb, t, i0, rows, scale);
-        matmul_on(
-            &mut o[i0 * d..i1 * d],
-            (pb, t, 1),
-            (v, d, 1),
-            (rows, d, i1),
-            false,
-            one,
-        );
+        causal_exp(pb, t, i0, rows, scale, &mut lse[i0..i1], &mut inv[..rows]);
+        let ob = &mut o[i0 * d..i1 * d];
+        matmul_on(ob, (pb, t, 1), (v, d, 1), (rows, d, i1), false, one);
+        for (row, &s) in ob.chunks_mut(d).zip(&inv[..rows]) {
+            for x in row {
+                *x *= s;
+            }
+        }
     }
 }
 
@@ -213,7 +216,7 @@ fn attention_head(
 /// sharing a key/value head (GQA) add into them in turn.
 #[allow(clippy::too_many_arguments)]
 fn attention_head_backward(
-    (q, k, v, o, dout): (&[f32], &[f32], &[f32], &[f32], &[f32]),
+    (q, k, v, o, dout, lse): (&[f32], &[f32], &[f32], &[f32], &[f32], &[f32]),
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     (p, ds): (&mut [f32], &mut [f32]),
     t: usize,
@@ -236,7 +239,7 @@ fn attention_head_backward(
             false,
             one,
         );
-        causal_softmax(pb, t, i0, rows, scale);
+        causal_probs(pb, t, i0, rows, scale, &lse[i0..i1]);
         let db = &mut ds[i0 * t..];
         matmul_strided(
             db,
@@ -463,6 +466,8 @@ struct LayerActs {
     k: Vec<f32>,
     v: Vec<f32>,
     o: Vec<f32>,
+    /// Log-sum-exp of each attention row, (b, h, t).
+    lse: Vec<f32>,
     y: Vec<f32>,
     x_mid: Vec<f32>,
     rstd2: Vec<f32>,
@@ -535,7 +540,7 @@ pub fn loss_and_grads(
         let vv = to_heads(&vv, g.kv, g, None);
         let mut o = vec![0f32; n * c];
         let (td, tt, rep) = (g.t * g.d, g.t * g.t, g.h / g.kv);
-        let head = |bh: usize, o: &mut [f32], p: &mut [f32]| {
+        let head = |bh: usize, o: &mut [f32], lse: &mut [f32], p: &mut [f32]| {
             let (b, h) = (bh / g.h, bh % g.h);
             let kvb = (b * g.kv + h / rep) * td;
             let (q, k, v) = (
@@ -543,11 +548,13 @@ pub fn loss_and_grads(
                 &k[kvb..kvb + td],
                 &vv[kvb..kvb + td],
             );
-            attention_head(q, k, v, o, p, g.t, g.d, scale);
+            attention_head(q, k, v, o, lse, p, g.t, g.d, scale);
         };
+        let mut lse = vec![0f32; g.n * g.h];
         o.par_chunks_mut(td)
+            .zip(lse.par_chunks_mut(g.t))
             .enumerate()
-            .for_each_init(|| vec![0f32; tt], |p, (bh, o)| head(bh, o, p));
+            .for_each_init(|| vec![0f32; tt], |p, (bh, (o, lse))| head(bh, o, lse, p));
         let y = from_heads(&o, g.h, g, None);
         let mut x_mid = vec![0f32; n * c];
         linear(&mut x_mid, &y, p("attention.wo")?, n, c, c);
@@ -575,6 +582,7 @@ pub fn loss_and_grads(
             k,
             v: vv,
             o,
+            lse,
             y,
             x_mid,
             rstd2,
@@ -691,6 +699,7 @@ pub fn loss_and_grads(
                                 &a.v[kv.clone()],
                                 &a.o[qh.clone()],
                                 &dout[qh],
+                                &a.lse[bh * g.t..(bh + 1) * g.t],
                             ),
                             (&mut dq[r * td..(r + 1) * td], &mut *dk, &mut *dv),
                             (p, ds),

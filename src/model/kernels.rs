@@ -112,10 +112,20 @@ multiversion! {
 }
 
 multiversion! {
-    /// Causal softmax in place for query rows first..first+rows of a score block whose rows
-    /// are `stride` apart: row i becomes softmax(s·scale) over columns 0..=i, and columns
-    /// i+1..first+rows (the block's own upper triangle, which the next products read) become 0.
-    pub fn causal_softmax(s: &mut [f32], stride: usize, first: usize, rows: usize, scale: f32) {
+    /// The forward half of a causal softmax, in place, for query rows first..first+rows of a
+    /// score block whose rows are `stride` apart: row i becomes e^((s − m)·scale) over columns
+    /// 0..=i (m its max), columns i+1..first+rows (the block's upper triangle, which the next
+    /// product reads) become 0, lse[r] = m·scale + ln Σ and inv[r] = 1/Σ. Columns beyond the
+    /// block are neither read nor written.
+    pub fn causal_exp(
+        s: &mut [f32],
+        stride: usize,
+        first: usize,
+        rows: usize,
+        scale: f32,
+        lse: &mut [f32],
+        inv: &mut [f32],
+    ) {
         for r in 0..rows {
             let i = first + r;
             s[r * stride + i + 1..r * stride + first + rows].fill(0.0);
@@ -135,13 +145,25 @@ multiversion! {
                 *v = exp((*v - m) * scale);
                 sum += *v;
             }
-            let mut total = 0f32;
             for a in acc {
-                total += a;
+                sum += a;
             }
-            let inv = 1.0 / (total + sum);
-            for x in live.iter_mut() {
-                *x *= inv;
+            lse[r] = m * scale + sum.ln();
+            inv[r] = 1.0 / sum;
+        }
+    }
+}
+
+multiversion! {
+    /// Causal softmax probabilities from saved log-sum-exps, in one pass: row i becomes
+    /// e^(s·scale − lse_i) over columns 0..=i and 0 over the block's upper triangle.
+    pub fn causal_probs(s: &mut [f32], stride: usize, first: usize, rows: usize, scale: f32, lse: &[f32]) {
+        for r in 0..rows {
+            let i = first + r;
+            s[r * stride + i + 1..r * stride + first + rows].fill(0.0);
+            let l = lse[r];
+            for x in &mut s[r * stride..r * stride + i + 1] {
+                *x = exp(*x * scale - l);
             }
         }
     }
