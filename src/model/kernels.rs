@@ -40,9 +40,13 @@ macro_rules! multiversion {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // n = round(x / ln 2) by the 1.5·2^23 trick (vectorises without SSE4.1 rounding).
+    // n = round(x / ln 2) by the 1.5·2^23 trick (vectorises without SSE4.1 rounding). The
+    // shifted value's low mantissa bits are n itself, so 2^n is built with integer ops: a
+    // float→int `as` cast would saturate-check each lane and keep the loop scalar.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
+    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -51,7 +55,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[inline(always)]
