@@ -70,20 +70,6 @@ impl<'a> Weights<'a> {
 
 /// c (m×n) = a (m×k) · b (k×n), or c += a·b with `accumulate`; matrices are given by pointer
 /// and (row stride, column stride), so transposes cost nothing.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    c: &mut [f32],
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-) {
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    matmul_on(c, a, b, (m, n, k), accumulate, threads)
-}
-
 /// `matmul` with explicit parallelism (None inside tasks that already run in parallel).
 fn matmul_on(
     c: &mut [f32],
@@ -93,34 +79,75 @@ fn matmul_on(
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
-    assert!(c.len() >= m * n);
-    assert!(a.0.len() >= (m - 1) * a.1 + (k - 1) * a.2 + 1);
-    assert!(b.0.len() >= (k - 1) * b.1 + (n - 1) * b.2 + 1);
-    // SAFETY: the asserts above keep every access inside the three slices; c does not alias
-    // a or b (it is borrowed mutably).
+    matmul_strided(c, n, a, b, (m, n, k), accumulate, parallelism)
+}
+
+/// A new (m × n) matrix a·b. gemm writes it straight into fresh memory: with read_dst false
+/// it never reads the destination, so the zeroing pass of `vec![0.0; ..]` is skipped.
+fn matmul_new(
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (m, n, k): (usize, usize, usize),
+) -> Vec<f32> {
+    check_operands(a, b, (m, n, k));
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: operands checked above; the destination is the Vec's own capacity (m·n
+    // elements, row stride n), every element of which gemm writes without reading it
+    // (read_dst = false) before the length is set.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
+        gemm_raw(c.as_mut_ptr(), n, a, b, (m, n, k), false, threads());
+        c.set_len(m * n);
     }
+    c
+}
+
+fn threads() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+fn check_operands(
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!(a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
+    assert!(b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
+}
+
+/// # Safety
+/// `c` must be valid for writes (and reads, when accumulating) of an (m × n) matrix with row
+/// stride `ldc`, not overlapping `a` or `b`, and the operands must hold their matrices.
+unsafe fn gemm_raw(
+    c: *mut f32,
+    ldc: usize,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        accumulate,
+        a.0.as_ptr(),
+        a.2 as isize,
+        a.1 as isize,
+        b.0.as_ptr(),
+        b.2 as isize,
+        b.1 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// `matmul_on` into a destination with row stride `ldc` (a block of a wider matrix).
@@ -133,30 +160,18 @@ fn matmul_strided(
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
+    check_operands(a, b, (m, n, k));
     assert!(n <= ldc && c.len() >= (m - 1) * ldc + n);
-    assert!(a.0.len() >= (m - 1) * a.1 + (k - 1) * a.2 + 1);
-    assert!(b.0.len() >= (k - 1) * b.1 + (n - 1) * b.2 + 1);
-    // SAFETY: as in `matmul_on`, with the destination's rows `ldc` apart inside `c`.
+    // SAFETY: the asserts keep every access inside the slices; `c` is borrowed mutably, so it
+    // cannot overlap the operands.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_raw(
             c.as_mut_ptr(),
-            1,
-            ldc as isize,
+            ldc,
+            a,
+            b,
+            (m, n, k),
             accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
             parallelism,
         )
     }
@@ -289,34 +304,31 @@ fn attention_head_backward(
 }
 
 /// y (rows×out) = x (rows×inp) · wᵀ, w being (out×inp) as stored.
-fn linear(y: &mut [f32], x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
-    matmul(y, (x, inp, 1), (w, 1, inp), rows, out, inp, false);
+fn linear(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    matmul_new((x, inp, 1), (w, 1, inp), (rows, out, inp))
 }
 
-/// dx (rows×inp) (+)= dy (rows×out) · w.
-fn linear_dx(
-    dx: &mut [f32],
-    dy: &[f32],
-    w: &[f32],
-    rows: usize,
-    inp: usize,
-    out: usize,
-    acc: bool,
-) {
-    matmul(dx, (dy, out, 1), (w, inp, 1), rows, inp, out, acc);
+/// dx (rows×inp) = dy (rows×out) · w.
+fn linear_dx(dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    matmul_new((dy, out, 1), (w, inp, 1), (rows, inp, out))
 }
 
-/// dw (out×inp) (+)= dyᵀ · x.
-fn linear_dw(
-    dw: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    rows: usize,
-    inp: usize,
-    out: usize,
-    acc: bool,
-) {
-    matmul(dw, (dy, 1, out), (x, inp, 1), out, inp, rows, acc);
+/// dx += dy · w.
+fn linear_dx_add(dx: &mut [f32], dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
+    matmul_strided(
+        dx,
+        inp,
+        (dy, out, 1),
+        (w, inp, 1),
+        (rows, inp, out),
+        true,
+        threads(),
+    );
+}
+
+/// dw (out×inp) = dyᵀ · x.
+fn linear_dw(dy: &[f32], x: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+    matmul_new((dy, 1, out), (x, inp, 1), (out, inp, rows))
 }
 
 /// RMSNorm forward: out = x · rstd · w per row; rstd saved for the backward.
@@ -529,12 +541,9 @@ pub fn loss_and_grads(
         let mut h1 = vec![0f32; n * c];
         let mut rstd1 = vec![0f32; n];
         rmsnorm(&mut h1, &mut rstd1, &x, p("attention_norm")?, c, eps);
-        let mut q = vec![0f32; n * c];
-        let mut k = vec![0f32; n * kvc];
-        let mut vv = vec![0f32; n * kvc];
-        linear(&mut q, &h1, p("attention.wq")?, n, c, c);
-        linear(&mut k, &h1, p("attention.wk")?, n, c, kvc);
-        linear(&mut vv, &h1, p("attention.wv")?, n, c, kvc);
+        let q = linear(&h1, p("attention.wq")?, n, c, c);
+        let k = linear(&h1, p("attention.wk")?, n, c, kvc);
+        let vv = linear(&h1, p("attention.wv")?, n, c, kvc);
         let q = to_heads(&q, g.h, g, rope);
         let k = to_heads(&k, g.kv, g, rope);
         let vv = to_heads(&vv, g.kv, g, None);
@@ -556,22 +565,18 @@ pub fn loss_and_grads(
             .enumerate()
             .for_each_init(|| vec![0f32; tt], |p, (bh, (o, lse))| head(bh, o, lse, p));
         let y = from_heads(&o, g.h, g, None);
-        let mut x_mid = vec![0f32; n * c];
-        linear(&mut x_mid, &y, p("attention.wo")?, n, c, c);
+        let mut x_mid = linear(&y, p("attention.wo")?, n, c, c);
         x_mid.par_iter_mut().zip(&x).for_each(|(a, x)| *a += x);
         let mut h2 = vec![0f32; n * c];
         let mut rstd2 = vec![0f32; n];
         rmsnorm(&mut h2, &mut rstd2, &x_mid, p("ffn_norm")?, c, eps);
-        let mut gate = vec![0f32; n * f];
-        let mut up = vec![0f32; n * f];
-        linear(&mut gate, &h2, p("feed_forward.w1")?, n, c, f);
-        linear(&mut up, &h2, p("feed_forward.w3")?, n, c, f);
+        let gate = linear(&h2, p("feed_forward.w1")?, n, c, f);
+        let up = linear(&h2, p("feed_forward.w3")?, n, c, f);
         let mut act = vec![0f32; n * f];
         act.par_chunks_mut(f * ROWS)
             .zip(gate.par_chunks(f * ROWS).zip(up.par_chunks(f * ROWS)))
             .for_each(|(a, (gt, u))| swiglu(a, gt, u));
-        let mut x_out = vec![0f32; n * c];
-        linear(&mut x_out, &act, p("feed_forward.w2")?, n, f, c);
+        let mut x_out = linear(&act, p("feed_forward.w2")?, n, f, c);
         x_out.par_iter_mut().zip(&x_mid).for_each(|(a, x)| *a += x);
         let x_in = std::mem::replace(&mut x, x_out);
         acts.push(LayerActs {
@@ -602,8 +607,7 @@ pub fn loss_and_grads(
         "output.weight"
     };
     let head = w.get(head_name)?;
-    let mut logits = vec![0f32; n * v];
-    linear(&mut logits, &hf, head, n, c, v);
+    let mut logits = linear(&hf, head, n, c, v);
 
     // ---- cross-entropy: loss, and d(loss)/d(logits) = (softmax − onehot)/n in place ----
     let inv_n = 1.0 / n as f32;
@@ -618,10 +622,8 @@ pub fn loss_and_grads(
 
     // ---- backward ----
     let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    let mut d_head = vec![0f32; v * c];
-    linear_dw(&mut d_head, &dlogits, &hf, n, c, v, false);
-    let mut dhf = vec![0f32; n * c];
-    linear_dx(&mut dhf, &dlogits, head, n, c, v, false);
+    let d_head = linear_dw(&dlogits, &hf, n, c, v);
+    let dhf = linear_dx(&dlogits, head, n, c, v);
     drop(dlogits);
     let mut dx = vec![0f32; n * c];
     let mut d_norm = vec![0f32; c];
@@ -635,10 +637,8 @@ pub fn loss_and_grads(
         let name = |s: &str| format!("layers.{l}.{s}.weight");
         let p = |s: &str| w.get(&name(s));
         // feed-forward: x_out = x_mid + w2·(silu(w1·h2) ⊙ w3·h2)
-        let mut dw2 = vec![0f32; c * f];
-        linear_dw(&mut dw2, &dx, &a.act, n, f, c, false);
-        let mut dact = vec![0f32; n * f];
-        linear_dx(&mut dact, &dx, p("feed_forward.w2")?, n, f, c, false);
+        let dw2 = linear_dw(&dx, &a.act, n, f, c);
+        let mut dact = linear_dx(&dx, p("feed_forward.w2")?, n, f, c);
         // dact becomes d(gate) and `up` is overwritten with d(up): no extra buffers.
         let mut dup = a.up;
         dact.par_chunks_mut(f * ROWS)
@@ -646,13 +646,10 @@ pub fn loss_and_grads(
             .zip(a.gate.par_chunks(f * ROWS))
             .for_each(|((da, u), gt)| swiglu_backward(da, u, gt));
         let dgate = dact;
-        let mut dw1 = vec![0f32; f * c];
-        let mut dw3 = vec![0f32; f * c];
-        linear_dw(&mut dw1, &dgate, &a.h2, n, c, f, false);
-        linear_dw(&mut dw3, &dup, &a.h2, n, c, f, false);
-        let mut dh2 = vec![0f32; n * c];
-        linear_dx(&mut dh2, &dgate, p("feed_forward.w1")?, n, c, f, false);
-        linear_dx(&mut dh2, &dup, p("feed_forward.w3")?, n, c, f, true);
+        let dw1 = linear_dw(&dgate, &a.h2, n, c, f);
+        let dw3 = linear_dw(&dup, &a.h2, n, c, f);
+        let mut dh2 = linear_dx(&dgate, p("feed_forward.w1")?, n, c, f);
+        linear_dx_add(&mut dh2, &dup, p("feed_forward.w3")?, n, c, f);
         let mut d_ffn_norm = vec![0f32; c];
         // dx holds d(x_out); the residual passes it to x_mid unchanged, plus the norm's share.
         rmsnorm_backward(
@@ -670,10 +667,8 @@ pub fn loss_and_grads(
         grads.insert(name("ffn_norm"), d_ffn_norm);
 
         // attention: x_mid = x_in + wo·attn(rope(wq·h1), rope(wk·h1), wv·h1)
-        let mut dwo = vec![0f32; c * c];
-        linear_dw(&mut dwo, &dx, &a.y, n, c, c, false);
-        let mut dy = vec![0f32; n * c];
-        linear_dx(&mut dy, &dx, p("attention.wo")?, n, c, c, false);
+        let dwo = linear_dw(&dx, &a.y, n, c, c);
+        let dy = linear_dx(&dx, p("attention.wo")?, n, c, c);
         let dout = to_heads(&dy, g.h, g, None);
         drop(dy);
         let (td, tt, rep) = (g.t * g.d, g.t * g.t, g.h / g.kv);
@@ -713,16 +708,12 @@ pub fn loss_and_grads(
         let dq = from_heads(&dq, g.h, g, rope);
         let dk = from_heads(&dk, g.kv, g, rope);
         let dv = from_heads(&dv, g.kv, g, None);
-        let mut dwq = vec![0f32; c * c];
-        let mut dwk = vec![0f32; kvc * c];
-        let mut dwv = vec![0f32; kvc * c];
-        linear_dw(&mut dwq, &dq, &a.h1, n, c, c, false);
-        linear_dw(&mut dwk, &dk, &a.h1, n, c, kvc, false);
-        linear_dw(&mut dwv, &dv, &a.h1, n, c, kvc, false);
-        let mut dh1 = vec![0f32; n * c];
-        linear_dx(&mut dh1, &dq, p("attention.wq")?, n, c, c, false);
-        linear_dx(&mut dh1, &dk, p("attention.wk")?, n, c, kvc, true);
-        linear_dx(&mut dh1, &dv, p("attention.wv")?, n, c, kvc, true);
+        let dwq = linear_dw(&dq, &a.h1, n, c, c);
+        let dwk = linear_dw(&dk, &a.h1, n, c, kvc);
+        let dwv = linear_dw(&dv, &a.h1, n, c, kvc);
+        let mut dh1 = linear_dx(&dq, p("attention.wq")?, n, c, c);
+        linear_dx_add(&mut dh1, &dk, p("attention.wk")?, n, c, kvc);
+        linear_dx_add(&mut dh1, &dv, p("attention.wv")?, n, c, kvc);
         let mut d_attn_norm = vec![0f32; c];
         rmsnorm_backward(
             &mut dx,
