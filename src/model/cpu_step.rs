@@ -177,6 +177,28 @@ fn matmul_strided(
     }
 }
 
+thread_local! {
+    /// Per-thread (t × t) scratch for attention blocks, reused across heads, layers and steps.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Run `f` with two scratch buffers of `len` floats from this thread's pool: no allocation
+/// and no zeroing per head. Their contents are stale; the attention kernels write every
+/// element they read.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.0.len() < len {
+            s.0.resize(len, 0.0);
+            s.1.resize(len, 0.0);
+        }
+        let (a, b) = &mut *s;
+        f(&mut a[..len], &mut b[..len])
+    })
+}
+
 /// Query rows per causal block: block r multiplies only against keys 0..end of that block, so
 /// the products skip most of the masked upper triangle.
 const BLOCK: usize = 64;
@@ -563,7 +585,7 @@ pub fn loss_and_grads(
         o.par_chunks_mut(td)
             .zip(lse.par_chunks_mut(g.t))
             .enumerate()
-            .for_each_init(|| vec![0f32; tt], |p, (bh, (o, lse))| head(bh, o, lse, p));
+            .for_each(|(bh, (o, lse))| with_scratch(tt, |p, _| head(bh, o, lse, p)));
         let y = from_heads(&o, g.h, g, None);
         let mut x_mid = linear(&y, p("attention.wo")?, n, c, c);
         x_mid.par_iter_mut().zip(&x).for_each(|(a, x)| *a += x);
@@ -680,9 +702,8 @@ pub fn loss_and_grads(
             .zip(dk.par_chunks_mut(td))
             .zip(dv.par_chunks_mut(td))
             .enumerate()
-            .for_each_init(
-                || (vec![0f32; tt], vec![0f32; tt]),
-                |(p, ds), (bkv, ((dq, dk), dv))| {
+            .for_each(|(bkv, ((dq, dk), dv))| {
+                with_scratch(tt, |p, ds| {
                     let kv = bkv * td..(bkv + 1) * td;
                     for r in 0..rep {
                         let bh = bkv * rep + r;
@@ -703,8 +724,8 @@ pub fn loss_and_grads(
                             scale,
                         );
                     }
-                },
-            );
+                })
+            });
         let dq = from_heads(&dq, g.h, g, rope);
         let dk = from_heads(&dk, g.kv, g, rope);
         let dv = from_heads(&dv, g.kv, g, None);
