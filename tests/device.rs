@@ -114,7 +114,7 @@ fn write_ckpt(path: &Path, mut meta: serde_json::Value, tensors: &Tensors) {
         serde_json::json!({"wick": meta.to_string(), "format": "pt"}),
     );
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

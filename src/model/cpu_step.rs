@@ -248,12 +248,22 @@ fn attention_head(
     }
 }
 
+/// One head's q, k, v, output, output gradient and row log-sum-exps.
+type HeadSlices<'a> = (
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+);
+
 /// Backward of `attention_head`: dq = ds·k, dk += dsᵀ·q, dv += pᵀ·do, with
 /// ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))·scale; p and ds are (t × t) scratch. dk and dv accumulate, so query heads
 /// sharing a key/value head (GQA) add into them in turn.
 #[allow(clippy::too_many_arguments)]
 fn attention_head_backward(
-    (q, k, v, o, dout, lse): (&[f32], &[f32], &[f32], &[f32], &[f32], &[f32]),
+    (q, k, v, o, dout, lse): HeadSlices,
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     (p, ds): (&mut [f32], &mut [f32]),
     t: usize,
