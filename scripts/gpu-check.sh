@@ -5,7 +5,8 @@
 #      losses agree to 1e-3 relative
 #   2. a bf16 run whose loss falls
 #   3. SIGINT during a cuda run -> exit 130 and a checkpoint that loads (and resumes) on the CPU
-#   4. tokens/s of the small config and of a 124M llama in bf16, beside PyTorch
+#   4. `wick repl` and `wick test tests/regress` (golden loss curve) on the GPU
+#   5. tokens/s of the small config and of a 124M llama in bf16, beside PyTorch
 #      (shared/bench/torch_llama.py, when TORCH_BENCH points at it) on the same GPU, as ratios
 #
 # usage: scripts/gpu-check.sh [WICK]   WICK defaults to target/cuda/target/release/wick;
@@ -110,7 +111,14 @@ timeout 300 "$WICK" run scripts/gpu-check.lua --device cpu --ckpt-dir "$SIG" --r
 step2=$("$WICK" inspect --json "$SIG/full_model.ckpt" 2>/dev/null | python3 -c 'import json,sys; m=json.load(sys.stdin); print(m["step"], m["device"])')
 check "cuda checkpoint resumes on the CPU" $(( rc == 0 ? 0 : 1 )) "exit $rc, now at step/device: $step2"
 
-# --- 4. throughput beside PyTorch, bf16 -------------------------------------------------------
+# --- 4. the other entry points on the GPU: the REPL and the regression suite --------------
+echo 'print(wick.device, wick.dtype); local m = wick.model{ preset = "tiny" }; print(m.params)' |
+  timeout 120 "$WICK" repl --device cuda --ckpt-dir "$RESULTS/repl" >"$RESULTS/repl.log" 2>&1; rc=$?
+grep -q "cuda:0" "$RESULTS/repl.log"; check "repl on cuda" $(( rc == 0 ? $? : 1 )) "exit $rc: $(grep -m1 cuda "$RESULTS/repl.log")"
+timeout 300 "$WICK" test tests/regress --device cuda >"$RESULTS/regress.log" 2>&1; rc=$?
+check "wick test tests/regress on cuda" $rc "$(tail -1 "$RESULTS/regress.log")"
+
+# --- 5. throughput beside PyTorch, bf16 -------------------------------------------------------
 TB=${TORCH_BENCH:-}
 for cfg in "small 288 6 6 32000 256" "124m 768 12 12 32000 1024"; do
   set -- $cfg

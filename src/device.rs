@@ -85,7 +85,10 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
     let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
     std::panic::set_hook(previous);
     match opened {
-        Ok(Ok(dev)) => Ok(dev),
+        Ok(Ok(dev)) => {
+            keep_freed_gpu_memory(ordinal);
+            Ok(dev)
+        }
         Ok(Err(e)) => Err(format!(
             "--device cuda:{ordinal}: cannot open the GPU: {}; check `nvidia-smi` and the GPU index",
             first_line(&e.to_string())
@@ -112,6 +115,34 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
                 "--device cuda:{ordinal}: cannot load CUDA: {what}. wick needs the NVIDIA driver (libcuda.so.1) and CUDA 13 copies of libcublas, libcublasLt and libcurand on LD_LIBRARY_PATH"
             ))
         }
+    }
+}
+
+/// candle allocates every intermediate with cuMemAllocAsync from the device's default pool,
+/// whose release threshold of 0 hands all freed memory back to the driver at each
+/// synchronisation (a training step has two: the loss and the gradient norm), so the next
+/// step allocates its activations from scratch. Keeping it pooled is what PyTorch's caching
+/// allocator does. Best effort: on failure the pool keeps its default.
+#[cfg(feature = "cuda")]
+fn keep_freed_gpu_memory(ordinal: usize) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: plain driver calls on the device candle has just initialised; the pointers
+    // are to locals that outlive the calls.
+    unsafe {
+        let mut dev: sys::CUdevice = 0;
+        if sys::cuDeviceGet(&mut dev, ordinal as i32) != sys::CUresult::CUDA_SUCCESS {
+            return;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS {
+            return;
+        }
+        let mut threshold: u64 = u64::MAX;
+        let _ = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        );
     }
 }
 
