@@ -2,7 +2,7 @@
 # The GPU check of wick's CUDA build, on a machine with an NVIDIA GPU (a few minutes):
 #   0. clear errors for a bad GPU index and for missing CUDA libraries
 #   1. the tiny preset, 20 steps, on cuda (f32) and on the CPU from the same seed:
-#      losses agree to 1e-3 relative
+#      losses agree to 1e-3 relative; the CPU run's checkpoint then resumes on cuda
 #   2. a bf16 run whose loss falls
 #   3. SIGINT during a cuda run -> exit 130 and a checkpoint that loads (and resumes) on the CPU
 #   4. `wick repl` and `wick test tests/regress` (golden loss curve) on the GPU
@@ -81,6 +81,10 @@ print(f"steps {len(a)}/{len(b)}  first {a[0]:.6f}/{b[0]:.6f}  last {a[-1]:.6f}/{
 sys.exit(0 if len(a) == len(b) == 20 and rel < 1e-3 else 1)
 PY
 check "cpu vs cuda f32 losses" $? "$(cat "$RESULTS/parity.txt" | tail -1)"
+# ... and the CPU run's checkpoint continues on the GPU (the reverse of step 3).
+timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cpu" --resume -- 23 >"$RESULTS/cpu-to-cuda.log" 2>&1; rc=$?
+moved=$("$WICK" inspect --json "$RESULTS/cpu/full_model.ckpt" 2>/dev/null | python3 -c 'import json,sys; m=json.load(sys.stdin); print(m["step"], m["device"])')
+[ "$moved" = "23 cuda:0" ]; check "cpu checkpoint resumes on cuda" $(( rc == 0 ? $? : 1 )) "exit $rc, now at step/device: $moved"
 
 # --- 2. bf16 learns ------------------------------------------------------------------------
 timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --dtype bf16 --ckpt-dir "$RESULTS/bf16" -- 60 3e-3 >"$RESULTS/bf16.log" 2>&1; rc=$?
