@@ -75,20 +75,20 @@ fn lanes_max(x: &[f32]) -> f32 {
     m
 }
 
-/// x ← e^(x − m) in place; returns the sum (16 lanes, fixed order).
+/// x ← e^((x − m)·scale) in place; returns the sum (16 lanes, fixed order).
 #[inline(always)]
-fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
+fn exp_shift_sum(x: &mut [f32], m: f32, scale: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            c[l] = exp(c[l] - m);
+            c[l] = exp((c[l] - m) * scale);
             acc[l] += c[l];
         }
     }
     let mut s = 0f32;
     for v in chunks.into_remainder() {
-        *v = exp(*v - m);
+        *v = exp((*v - m) * scale);
         s += *v;
     }
     let mut total = 0f32;
@@ -105,7 +105,7 @@ multiversion! {
     pub fn cross_entropy_row(row: &mut [f32], target: usize, scale: f32) -> f32 {
         let z_target = row[target];
         let m = lanes_max(row);
-        let s = exp_shift_sum(row, m);
+        let s = exp_shift_sum(row, m, 1.0);
         let k = scale / s;
         for v in row.iter_mut() {
             *v *= k;
@@ -136,22 +136,7 @@ multiversion! {
             let live = &mut s[r * stride..r * stride + i + 1];
             // max(s)·scale = max(s·scale) for scale > 0: the scaling folds into the exp pass.
             let m = lanes_max(live);
-            let mut acc = [0f32; LANES];
-            let mut chunks = live.chunks_exact_mut(LANES);
-            for c in &mut chunks {
-                for l in 0..LANES {
-                    c[l] = exp((c[l] - m) * scale);
-                    acc[l] += c[l];
-                }
-            }
-            let mut sum = 0f32;
-            for v in chunks.into_remainder() {
-                *v = exp((*v - m) * scale);
-                sum += *v;
-            }
-            for a in acc {
-                sum += a;
-            }
+            let sum = exp_shift_sum(live, m, scale);
             lse[r] = m * scale + sum.ln();
             inv[r] = 1.0 / sum;
         }
