@@ -327,3 +327,60 @@ pub fn train_in_child(name: &str, o: &TrainBench) -> Result<serde_json::Value, S
     serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("{name}: unreadable benchmark output ({e})"))
 }
+
+/// GFLOP/s of the CPU training step's matrix products on a model's shapes, in the three
+/// layouts it uses: forward `x·wᵀ`, input gradient `dy·w`, weight gradient `dyᵀ·x`.
+/// Compare with `shared/bench/peak_gemm.py --model-shapes` (PyTorch/MKL on the same shapes).
+pub fn gemm(rows: usize, shapes: &[(usize, usize)], reps: usize) -> Vec<serde_json::Value> {
+    use crate::model::matmul::matmul_new;
+    let mut out = Vec::new();
+    for &(inp, out_dim) in shapes {
+        let fill = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) as f32 / 65536.0
+                        - 0.5
+                })
+                .collect()
+        };
+        let x = fill(rows * inp, 1);
+        let w = fill(out_dim * inp, 2);
+        let dy = fill(rows * out_dim, 3);
+        type Run<'a> = Box<dyn Fn() -> Vec<f32> + 'a>;
+        let layouts: [(&str, Run); 3] = [
+            (
+                "forward x·wT",
+                Box::new(|| matmul_new((&x, inp, 1), (&w, 1, inp), (rows, out_dim, inp))),
+            ),
+            (
+                "input grad dy·w",
+                Box::new(|| matmul_new((&dy, out_dim, 1), (&w, inp, 1), (rows, inp, out_dim))),
+            ),
+            (
+                "weight grad dyT·x",
+                Box::new(|| matmul_new((&dy, 1, out_dim), (&x, inp, 1), (out_dim, inp, rows))),
+            ),
+        ];
+        for (name, run) in layouts {
+            for _ in 0..3 {
+                std::hint::black_box(run());
+            }
+            let mut ms: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(run());
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            let med = median(&mut ms);
+            let flops = 2.0 * (rows * inp * out_dim) as f64;
+            out.push(serde_json::json!({
+                "layout": name, "rows": rows, "in": inp, "out": out_dim,
+                "ms_median": (med * 1000.0).round() / 1000.0,
+                "gflops_median": (flops / med / 1e6 * 10.0).round() / 10.0,
+                "threads": rayon::current_num_threads(),
+            }));
+        }
+    }
+    out
+}

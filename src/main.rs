@@ -225,6 +225,14 @@ enum BenchCommand {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// GFLOP/s of the CPU step's matrix products on the small configs' shapes (2048 token
+    /// rows; dim 288, hidden 768, vocab 256), beside `shared/bench/peak_gemm.py --model-shapes`.
+    Gemm {
+        #[arg(long, default_value_t = 2048)]
+        rows: usize,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
     /// Checkpoint write speed against a plain write + fsync of the same bytes.
     Ckpt {
         #[arg(long, default_value = "checkpoints")]
@@ -377,6 +385,14 @@ fn main() -> ExitCode {
                         list.iter().map(|c| bench::train_in_child(c, &o)).collect()
                     }
                 }
+                BenchCommand::Gemm { rows, reps } => bench::gemm(
+                    rows,
+                    &[(288, 288), (288, 768), (768, 288), (288, 256)],
+                    reps,
+                )
+                .into_iter()
+                .map(Ok)
+                .collect(),
                 BenchCommand::Ckpt { dir, mb, reps } => vec![bench::ckpt(&dir, mb, reps)],
                 BenchCommand::Data { sources, tokenizer } => {
                     vec![bench::data(&sources, tokenizer.as_deref())]

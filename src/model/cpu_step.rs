@@ -14,6 +14,7 @@
 use super::kernels::{
     causal_exp, causal_probs, cross_entropy_row, softmax_backward, swiglu, swiglu_backward,
 };
+use super::matmul::{matmul_into, matmul_new, matmul_ptr, Threads};
 use super::Llama;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -68,115 +69,6 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// c (m×n) = a (m×k) · b (k×n), or c += a·b with `accumulate`; matrices are given by pointer
-/// and (row stride, column stride), so transposes cost nothing.
-/// `matmul` with explicit parallelism (None inside tasks that already run in parallel).
-fn matmul_on(
-    c: &mut [f32],
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
-    matmul_strided(c, n, a, b, (m, n, k), accumulate, parallelism)
-}
-
-/// A new (m × n) matrix a·b. gemm writes it straight into fresh memory: with read_dst false
-/// it never reads the destination, so the zeroing pass of `vec![0.0; ..]` is skipped.
-fn matmul_new(
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    (m, n, k): (usize, usize, usize),
-) -> Vec<f32> {
-    check_operands(a, b, (m, n, k));
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: operands checked above; the destination is the Vec's own capacity (m·n
-    // elements, row stride n), every element of which gemm writes without reading it
-    // (read_dst = false) before the length is set.
-    unsafe {
-        gemm_raw(c.as_mut_ptr(), n, a, b, (m, n, k), false, threads());
-        c.set_len(m * n);
-    }
-    c
-}
-
-fn threads() -> gemm::Parallelism {
-    gemm::Parallelism::Rayon(rayon::current_num_threads())
-}
-
-fn check_operands(
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    (m, n, k): (usize, usize, usize),
-) {
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!(a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
-    assert!(b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-}
-
-/// # Safety
-/// `c` must be valid for writes (and reads, when accumulating) of an (m × n) matrix with row
-/// stride `ldc`, not overlapping `a` or `b`, and the operands must hold their matrices.
-unsafe fn gemm_raw(
-    c: *mut f32,
-    ldc: usize,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        1,
-        ldc as isize,
-        accumulate,
-        a.0.as_ptr(),
-        a.2 as isize,
-        a.1 as isize,
-        b.0.as_ptr(),
-        b.2 as isize,
-        b.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    )
-}
-
-/// `matmul_on` into a destination with row stride `ldc` (a block of a wider matrix).
-fn matmul_strided(
-    c: &mut [f32],
-    ldc: usize,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
-    check_operands(a, b, (m, n, k));
-    assert!(n <= ldc && c.len() >= (m - 1) * ldc + n);
-    // SAFETY: the asserts keep every access inside the slices; `c` is borrowed mutably, so it
-    // cannot overlap the operands.
-    unsafe {
-        gemm_raw(
-            c.as_mut_ptr(),
-            ldc,
-            a,
-            b,
-            (m, n, k),
-            accumulate,
-            parallelism,
-        )
-    }
-}
-
 thread_local! {
     /// Per-thread (t × t) scratch for attention blocks, reused across heads, layers and steps.
     static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
@@ -207,16 +99,37 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(BLOCK)).map(move |r| (r * BLOCK, ((r + 1) * BLOCK).min(t)))
 }
 
+/// Where one head's rows live in a token-major (rows × heads·d) matrix: its first element
+/// and the row stride. Heads are column strips of the projections' outputs, so attention
+/// reads and writes them in place: no copies into and out of a head-major layout.
+#[derive(Clone, Copy)]
+struct Strip {
+    offset: usize,
+    ld: usize,
+}
+
+/// A token-major matrix that parallel attention tasks write, each only its own heads'
+/// column strips, through raw pointers (the strips interleave in memory, so they cannot be
+/// handed out as separate `&mut` slices).
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint strips; the buffer outlives the parallel loop that uses it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
 /// One head of causal attention: o = softmax(q·kᵀ·scale)·v, with each row's log-sum-exp
 /// saved in `lse` so the backward recomputes probabilities in one pass. The exponentials are
 /// multiplied by v unnormalised and the (t × d) output rows scaled afterwards, which is
-/// cheaper than normalising (t × t) probabilities. q, k, v, o are (t × d); p is scratch.
+/// cheaper than normalising (t × t) probabilities. q is read at `qs` (the output has the same
+/// layout), k and v at `kvs`; p is (t × t) scratch.
+///
+/// # Safety
+/// `o` must point to a matrix of q's shape, of which this call alone writes the strip `qs`.
 #[allow(clippy::too_many_arguments)]
-fn attention_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    o: &mut [f32],
+unsafe fn attention_head(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (qs, kvs): (Strip, Strip),
+    o: SharedOut,
     lse: &mut [f32],
     p: &mut [f32],
     t: usize,
@@ -224,32 +137,43 @@ fn attention_head(
     scale: f32,
 ) {
     let mut inv = [0f32; BLOCK];
-    let one = gemm::Parallelism::None;
+    let one = Threads::One;
+    let (q, k, v) = (&q[qs.offset..], &k[kvs.offset..], &v[kvs.offset..]);
+    let o = o.0.add(qs.offset);
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
         let pb = &mut p[i0 * t..];
-        matmul_strided(
+        matmul_into(
             pb,
             t,
-            (&q[i0 * d..], d, 1),
-            (k, 1, d),
+            (&q[i0 * qs.ld..], qs.ld, 1),
+            (k, 1, kvs.ld),
             (rows, i1, d),
             false,
             one,
         );
         causal_exp(pb, t, i0, rows, scale, &mut lse[i0..i1], &mut inv[..rows]);
-        let ob = &mut o[i0 * d..i1 * d];
-        matmul_on(ob, (pb, t, 1), (v, d, 1), (rows, d, i1), false, one);
-        for (row, &s) in ob.chunks_mut(d).zip(&inv[..rows]) {
-            for x in row {
+        let ob = o.add(i0 * qs.ld);
+        matmul_ptr(
+            ob,
+            qs.ld,
+            (pb, t, 1),
+            (v, kvs.ld, 1),
+            (rows, d, i1),
+            false,
+            one,
+        );
+        for (r, &s) in inv[..rows].iter().enumerate() {
+            for x in std::slice::from_raw_parts_mut(ob.add(r * qs.ld), d) {
                 *x *= s;
             }
         }
     }
 }
 
-/// One head's q, k, v, output, output gradient and row log-sum-exps.
-type HeadSlices<'a> = (
+/// One head's saved forward values and output gradient: q, k, v, the attention output o,
+/// d(o), all token-major, and the head's row log-sum-exps.
+type HeadInputs<'a> = (
     &'a [f32],
     &'a [f32],
     &'a [f32],
@@ -259,40 +183,53 @@ type HeadSlices<'a> = (
 );
 
 /// Backward of `attention_head`: dq = ds·k, dk += dsᵀ·q, dv += pᵀ·do, with
-/// ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))·scale; p and ds are (t × t) scratch. dk and dv accumulate, so query heads
-/// sharing a key/value head (GQA) add into them in turn.
+/// ds = p ⊙ (do·vᵀ − rowsum(do ⊙ o))·scale; p and ds are (t × t) scratch. dk and dv
+/// accumulate, so query heads sharing a key/value head (GQA) add into them in turn.
+///
+/// # Safety
+/// `dq` must point to a matrix of q's shape and `dk`, `dv` to matrices of k's, of which this
+/// call alone writes the strips `qs` and `kvs`.
 #[allow(clippy::too_many_arguments)]
-fn attention_head_backward(
-    (q, k, v, o, dout, lse): HeadSlices,
-    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+unsafe fn attention_head_backward(
+    (q, k, v, o, dout, lse): HeadInputs,
+    (qs, kvs): (Strip, Strip),
+    (dq, dk, dv): (SharedOut, SharedOut, SharedOut),
     (p, ds): (&mut [f32], &mut [f32]),
     t: usize,
     d: usize,
     scale: f32,
 ) {
-    let one = gemm::Parallelism::None;
+    let one = Threads::One;
+    let (q, o, dout) = (&q[qs.offset..], &o[qs.offset..], &dout[qs.offset..]);
+    let (k, v) = (&k[kvs.offset..], &v[kvs.offset..]);
+    let (dq, dk, dv) = (
+        dq.0.add(qs.offset),
+        dk.0.add(kvs.offset),
+        dv.0.add(kvs.offset),
+    );
+    let ld = qs.ld;
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
         // Recomputing the probabilities (one small product per block) is faster than keeping
         // them from the forward: a head's (t × t) block stays in cache instead of streaming
         // b·h·t² floats per layer through memory.
         let pb = &mut p[i0 * t..];
-        matmul_strided(
+        matmul_into(
             pb,
             t,
-            (&q[i0 * d..], d, 1),
-            (k, 1, d),
+            (&q[i0 * ld..], ld, 1),
+            (k, 1, kvs.ld),
             (rows, i1, d),
             false,
             one,
         );
         causal_probs(pb, t, i0, rows, scale, &lse[i0..i1]);
         let db = &mut ds[i0 * t..];
-        matmul_strided(
+        matmul_into(
             db,
             t,
-            (&dout[i0 * d..], d, 1),
-            (v, 1, d),
+            (&dout[i0 * ld..], ld, 1),
+            (v, 1, kvs.ld),
             (rows, i1, d),
             false,
             one,
@@ -303,31 +240,35 @@ fn attention_head_backward(
             t,
             i0,
             rows,
-            &dout[i0 * d..i1 * d],
-            &o[i0 * d..i1 * d],
+            &dout[i0 * ld..],
+            &o[i0 * ld..],
+            ld,
             d,
             scale,
         );
-        matmul_on(
-            &mut dq[i0 * d..i1 * d],
+        matmul_ptr(
+            dq.add(i0 * ld),
+            ld,
             (db, t, 1),
-            (k, d, 1),
+            (k, kvs.ld, 1),
             (rows, d, i1),
             false,
             one,
         );
-        matmul_on(
-            &mut dk[..i1 * d],
+        matmul_ptr(
+            dk,
+            kvs.ld,
             (db, 1, t),
-            (&q[i0 * d..], d, 1),
+            (&q[i0 * ld..], ld, 1),
             (i1, d, rows),
             true,
             one,
         );
-        matmul_on(
-            &mut dv[..i1 * d],
+        matmul_ptr(
+            dv,
+            kvs.ld,
             (pb, 1, t),
-            (&dout[i0 * d..], d, 1),
+            (&dout[i0 * ld..], ld, 1),
             (i1, d, rows),
             true,
             one,
@@ -347,14 +288,14 @@ fn linear_dx(dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<
 
 /// dx += dy · w.
 fn linear_dx_add(dx: &mut [f32], dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
-    matmul_strided(
+    matmul_into(
         dx,
         inp,
         (dy, out, 1),
         (w, inp, 1),
         (rows, inp, out),
         true,
-        threads(),
+        Threads::All,
     );
 }
 
@@ -424,6 +365,25 @@ fn rmsnorm_backward(
     }
 }
 
+/// A zero-filled buffer, filled on all threads: `vec![0.0; len]` zeroes on the calling
+/// thread alone, which left the other core idle for ≈ 3 % of a step.
+fn zeros(len: usize) -> Vec<f32> {
+    if len < 1 << 16 {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.spare_capacity_mut()
+        .par_chunks_mut(1 << 15)
+        .for_each(|chunk| {
+            for x in chunk {
+                x.write(0.0);
+            }
+        });
+    // SAFETY: every element of the first `len` was written above.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Geometry of one step.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -437,8 +397,7 @@ struct Dims {
     v: usize,
 }
 
-/// Rotate one head vector in place (half-split layout); `inverse` applies the transpose, which
-/// is the backward of the rotation.
+/// Rotate one head vector in place (half-split layout).
 #[inline]
 fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
     let half = cos.len();
@@ -450,55 +409,31 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
     }
 }
 
-/// (n × heads·d) rows → (b, heads, t, d) blocks, rotating each head vector when `rope` is given.
-fn to_heads(src: &[f32], heads: usize, g: Dims, rope: Option<(&[f32], &[f32])>) -> Vec<f32> {
-    let (t, d) = (g.t, g.d);
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(t * d)
+/// Rotary embedding applied in place to every head of a token-major (n × heads·d) matrix;
+/// `inverse` applies the transpose, which is the backward of the rotation.
+fn rope_in_place(
+    x: &mut [f32],
+    heads: usize,
+    g: Dims,
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
+    let (t, d, half) = (g.t, g.d, g.d / 2);
+    let width = heads * d;
+    x.par_chunks_mut(width * ROWS)
         .enumerate()
-        .for_each(|(bh, block)| {
-            let (b, h) = (bh / heads, bh % heads);
-            for (ti, dst) in block.chunks_mut(d).enumerate() {
-                let row = (b * t + ti) * heads * d + h * d;
-                dst.copy_from_slice(&src[row..row + d]);
-                if let Some((cos, sin)) = rope {
-                    let half = d / 2;
-                    rotate(
-                        dst,
-                        &cos[ti * half..(ti + 1) * half],
-                        &sin[ti * half..(ti + 1) * half],
-                        false,
-                    );
+        .for_each(|(chunk, rows)| {
+            for (r, row) in rows.chunks_mut(width).enumerate() {
+                let ti = (chunk * ROWS + r) % t;
+                let (cos, sin) = (
+                    &cos[ti * half..(ti + 1) * half],
+                    &sin[ti * half..(ti + 1) * half],
+                );
+                for head in row.chunks_mut(d) {
+                    rotate(head, cos, sin, inverse);
                 }
             }
         });
-    out
-}
-
-/// The inverse of `to_heads`: (b, heads, t, d) → (n × heads·d), un-rotating for gradients.
-fn from_heads(src: &[f32], heads: usize, g: Dims, rope: Option<(&[f32], &[f32])>) -> Vec<f32> {
-    let (t, d) = (g.t, g.d);
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(heads * d)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (b, ti) = (row / t, row % t);
-            for h in 0..heads {
-                let block = ((b * heads + h) * t + ti) * d;
-                let o = &mut dst[h * d..(h + 1) * d];
-                o.copy_from_slice(&src[block..block + d]);
-                if let Some((cos, sin)) = rope {
-                    let half = d / 2;
-                    rotate(
-                        o,
-                        &cos[ti * half..(ti + 1) * half],
-                        &sin[ti * half..(ti + 1) * half],
-                        true,
-                    );
-                }
-            }
-        });
-    out
 }
 
 /// What the backward pass needs from one layer's forward.
@@ -506,12 +441,13 @@ struct LayerActs {
     x_in: Vec<f32>,
     rstd1: Vec<f32>,
     h1: Vec<f32>,
+    /// Projections, token-major; q and k rotated.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    o: Vec<f32>,
     /// Log-sum-exp of each attention row, (b, h, t).
     lse: Vec<f32>,
+    /// The attention output (token-major, before wo).
     y: Vec<f32>,
     x_mid: Vec<f32>,
     rstd2: Vec<f32>,
@@ -549,7 +485,9 @@ pub fn loss_and_grads(
         model.cos.flatten_all()?.to_vec1::<f32>()?,
         model.sin.flatten_all()?.to_vec1::<f32>()?,
     );
-    let rope = Some((cos_t.as_slice(), sin_t.as_slice()));
+    let rope = (cos_t.as_slice(), sin_t.as_slice());
+    // Attention scratch per task (t × t) and query heads per key/value head.
+    let (tt, rep) = (g.t * g.t, g.h / g.kv);
 
     let inputs: Vec<usize> = (0..n)
         .map(|i| tokens[(i / g.t) * width + i % g.t] as usize)
@@ -563,48 +501,50 @@ pub fn loss_and_grads(
 
     // ---- forward ----
     let emb = w.get("tok_embeddings.weight")?;
-    let mut x = vec![0f32; n * c];
+    let mut x = zeros(n * c);
     x.par_chunks_mut(c)
         .zip(&inputs)
         .for_each(|(row, &id)| row.copy_from_slice(&emb[id * c..(id + 1) * c]));
     let mut acts = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| w.get(&format!("layers.{l}.{s}.weight"));
-        let mut h1 = vec![0f32; n * c];
-        let mut rstd1 = vec![0f32; n];
+        let mut h1 = zeros(n * c);
+        let mut rstd1 = zeros(n);
         rmsnorm(&mut h1, &mut rstd1, &x, p("attention_norm")?, c, eps);
-        let q = linear(&h1, p("attention.wq")?, n, c, c);
-        let k = linear(&h1, p("attention.wk")?, n, c, kvc);
+        let mut q = linear(&h1, p("attention.wq")?, n, c, c);
+        let mut k = linear(&h1, p("attention.wk")?, n, c, kvc);
         let vv = linear(&h1, p("attention.wv")?, n, c, kvc);
-        let q = to_heads(&q, g.h, g, rope);
-        let k = to_heads(&k, g.kv, g, rope);
-        let vv = to_heads(&vv, g.kv, g, None);
-        let mut o = vec![0f32; n * c];
-        let (td, tt, rep) = (g.t * g.d, g.t * g.t, g.h / g.kv);
-        let head = |bh: usize, o: &mut [f32], lse: &mut [f32], p: &mut [f32]| {
+        rope_in_place(&mut q, g.h, g, rope, false);
+        rope_in_place(&mut k, g.kv, g, rope, false);
+        // y: the attention output, token-major, each head's strip written by its own task.
+        let mut y = zeros(n * c);
+        let mut lse = zeros(g.n * g.h);
+        let out = SharedOut(y.as_mut_ptr());
+        lse.par_chunks_mut(g.t).enumerate().for_each(|(bh, lse)| {
             let (b, h) = (bh / g.h, bh % g.h);
-            let kvb = (b * g.kv + h / rep) * td;
-            let (q, k, v) = (
-                &q[bh * td..(bh + 1) * td],
-                &k[kvb..kvb + td],
-                &vv[kvb..kvb + td],
+            let strips = (
+                Strip {
+                    offset: b * g.t * c + h * g.d,
+                    ld: c,
+                },
+                Strip {
+                    offset: b * g.t * kvc + (h / rep) * g.d,
+                    ld: kvc,
+                },
             );
-            attention_head(q, k, v, o, lse, p, g.t, g.d, scale);
-        };
-        let mut lse = vec![0f32; g.n * g.h];
-        o.par_chunks_mut(td)
-            .zip(lse.par_chunks_mut(g.t))
-            .enumerate()
-            .for_each(|(bh, (o, lse))| with_scratch(tt, |p, _| head(bh, o, lse, p)));
-        let y = from_heads(&o, g.h, g, None);
+            with_scratch(tt, |p, _| {
+                // SAFETY: task bh alone writes head h of batch b's strip of y.
+                unsafe { attention_head((&q, &k, &vv), strips, out, lse, p, g.t, g.d, scale) }
+            })
+        });
         let mut x_mid = linear(&y, p("attention.wo")?, n, c, c);
         x_mid.par_iter_mut().zip(&x).for_each(|(a, x)| *a += x);
-        let mut h2 = vec![0f32; n * c];
-        let mut rstd2 = vec![0f32; n];
+        let mut h2 = zeros(n * c);
+        let mut rstd2 = zeros(n);
         rmsnorm(&mut h2, &mut rstd2, &x_mid, p("ffn_norm")?, c, eps);
         let gate = linear(&h2, p("feed_forward.w1")?, n, c, f);
         let up = linear(&h2, p("feed_forward.w3")?, n, c, f);
-        let mut act = vec![0f32; n * f];
+        let mut act = zeros(n * f);
         act.par_chunks_mut(f * ROWS)
             .zip(gate.par_chunks(f * ROWS).zip(up.par_chunks(f * ROWS)))
             .for_each(|(a, (gt, u))| swiglu(a, gt, u));
@@ -618,7 +558,6 @@ pub fn loss_and_grads(
             q,
             k,
             v: vv,
-            o,
             lse,
             y,
             x_mid,
@@ -629,8 +568,8 @@ pub fn loss_and_grads(
             act,
         });
     }
-    let mut hf = vec![0f32; n * c];
-    let mut rstdf = vec![0f32; n];
+    let mut hf = zeros(n * c);
+    let mut rstdf = zeros(n);
     let norm_w = w.get("norm.weight")?;
     rmsnorm(&mut hf, &mut rstdf, &x, norm_w, c, eps);
     let head_name = if cfg.tie_embeddings {
@@ -657,7 +596,7 @@ pub fn loss_and_grads(
     let d_head = linear_dw(&dlogits, &hf, n, c, v);
     let dhf = linear_dx(&dlogits, head, n, c, v);
     drop(dlogits);
-    let mut dx = vec![0f32; n * c];
+    let mut dx = zeros(n * c);
     let mut d_norm = vec![0f32; c];
     rmsnorm_backward(&mut dx, &mut d_norm, &dhf, &x, &rstdf, norm_w, c);
     grads.insert("norm.weight".into(), d_norm);
@@ -701,44 +640,56 @@ pub fn loss_and_grads(
         // attention: x_mid = x_in + wo·attn(rope(wq·h1), rope(wk·h1), wv·h1)
         let dwo = linear_dw(&dx, &a.y, n, c, c);
         let dy = linear_dx(&dx, p("attention.wo")?, n, c, c);
-        let dout = to_heads(&dy, g.h, g, None);
-        drop(dy);
-        let (td, tt, rep) = (g.t * g.d, g.t * g.t, g.h / g.kv);
-        let mut dq = vec![0f32; n * c];
-        let mut dk = vec![0f32; n * kvc];
-        let mut dv = vec![0f32; n * kvc];
+        let mut dq = zeros(n * c);
+        let mut dk = zeros(n * kvc);
+        let mut dv = zeros(n * kvc);
+        let outs = (
+            SharedOut(dq.as_mut_ptr()),
+            SharedOut(dk.as_mut_ptr()),
+            SharedOut(dv.as_mut_ptr()),
+        );
         // One task per key/value head: the query heads sharing it add into its dk, dv in turn.
-        dq.par_chunks_mut(rep * td)
-            .zip(dk.par_chunks_mut(td))
-            .zip(dv.par_chunks_mut(td))
-            .enumerate()
-            .for_each(|(bkv, ((dq, dk), dv))| {
-                with_scratch(tt, |p, ds| {
-                    let kv = bkv * td..(bkv + 1) * td;
-                    for r in 0..rep {
-                        let bh = bkv * rep + r;
-                        let qh = bh * td..(bh + 1) * td;
+        (0..g.n / g.t * g.kv).into_par_iter().for_each(|bkv| {
+            let (b, kvh) = (bkv / g.kv, bkv % g.kv);
+            with_scratch(tt, |p, ds| {
+                for h in kvh * rep..(kvh + 1) * rep {
+                    let bh = b * g.h + h;
+                    let strips = (
+                        Strip {
+                            offset: b * g.t * c + h * g.d,
+                            ld: c,
+                        },
+                        Strip {
+                            offset: b * g.t * kvc + kvh * g.d,
+                            ld: kvc,
+                        },
+                    );
+                    // SAFETY: task bkv alone writes batch b's strips of the key/value head
+                    // kvh in dk, dv and of its query heads in dq.
+                    unsafe {
                         attention_head_backward(
                             (
-                                &a.q[qh.clone()],
-                                &a.k[kv.clone()],
-                                &a.v[kv.clone()],
-                                &a.o[qh.clone()],
-                                &dout[qh],
+                                &a.q,
+                                &a.k,
+                                &a.v,
+                                &a.y,
+                                &dy,
                                 &a.lse[bh * g.t..(bh + 1) * g.t],
                             ),
-                            (&mut dq[r * td..(r + 1) * td], &mut *dk, &mut *dv),
+                            strips,
+                            outs,
                             (p, ds),
                             g.t,
                             g.d,
                             scale,
-                        );
+                        )
                     }
-                })
-            });
-        let dq = from_heads(&dq, g.h, g, rope);
-        let dk = from_heads(&dk, g.kv, g, rope);
-        let dv = from_heads(&dv, g.kv, g, None);
+                }
+            })
+        });
+        drop(dy);
+        rope_in_place(&mut dq, g.h, g, rope, true);
+        rope_in_place(&mut dk, g.kv, g, rope, true);
         let dwq = linear_dw(&dq, &a.h1, n, c, c);
         let dwk = linear_dw(&dk, &a.h1, n, c, kvc);
         let dwv = linear_dw(&dv, &a.h1, n, c, kvc);
@@ -767,7 +718,7 @@ pub fn loss_and_grads(
         d_head
     } else {
         grads.insert("output.weight".into(), d_head);
-        vec![0f32; v * c]
+        zeros(v * c)
     };
     for (row, &id) in dx.chunks(c).zip(&inputs) {
         for (a, b) in d_emb[id * c..(id + 1) * c].iter_mut().zip(row) {

@@ -161,7 +161,7 @@ multiversion! {
 multiversion! {
     /// Softmax backward for the same rows: ds ← p ⊙ (ds − rowsum(dout ⊙ o))·scale over the
     /// causal columns (0 in the block's upper triangle), where ds arrives holding dout·vᵀ.
-    /// dout and o are (rows × d).
+    /// dout and o are (rows × d) with row stride `ld`.
     #[allow(clippy::too_many_arguments)]
     pub fn softmax_backward(
         ds: &mut [f32],
@@ -171,13 +171,14 @@ multiversion! {
         rows: usize,
         dout: &[f32],
         o: &[f32],
+        ld: usize,
         d: usize,
         scale: f32,
     ) {
         for r in 0..rows {
             let i = first + r;
             let mut di = 0f32;
-            for (a, b) in dout[r * d..(r + 1) * d].iter().zip(&o[r * d..(r + 1) * d]) {
+            for (a, b) in dout[r * ld..r * ld + d].iter().zip(&o[r * ld..r * ld + d]) {
                 di += a * b;
             }
             ds[r * stride + i + 1..r * stride + first + rows].fill(0.0);

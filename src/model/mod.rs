@@ -8,6 +8,7 @@ mod cpu_step;
 pub mod cross_entropy;
 pub mod generate;
 mod kernels;
+pub mod matmul;
 
 pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
 

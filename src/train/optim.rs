@@ -185,8 +185,14 @@ fn sum_squares_cpu(t: &Tensor) -> Option<f64> {
     let (storage, layout) = t.storage_and_layout();
     let (a, b) = layout.contiguous_offsets()?;
     match &*storage {
+        // Partial sums over fixed chunks, added in chunk order: the same total on any
+        // number of threads.
         candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-            Some(v[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum())
+            let partial: Vec<f64> = v[a..b]
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            Some(partial.iter().sum())
         }
         _ => None,
     }
