@@ -12,7 +12,8 @@
 //! (row chunks of a fixed size, partial sums added in chunk order; gemm splits only the output).
 
 use super::kernels::{
-    causal_exp, causal_probs, cross_entropy_row, softmax_backward, swiglu, swiglu_backward,
+    causal_exp, causal_probs, cross_entropy_row, rmsnorm_backward_row, rmsnorm_row,
+    softmax_backward, swiglu, swiglu_backward,
 };
 use super::matmul::{matmul_into, matmul_new, matmul_ptr, Threads};
 use super::Llama;
@@ -311,11 +312,7 @@ fn rmsnorm(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: usize, ep
         .zip(x.par_chunks(c * ROWS))
         .for_each(|((out, rstd), x)| {
             for ((o, r), x) in out.chunks_mut(c).zip(rstd.iter_mut()).zip(x.chunks(c)) {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                *r = 1.0 / (ms + eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * *r * w;
-                }
+                *r = rmsnorm_row(o, x, w, eps);
             }
         });
 }
@@ -343,16 +340,7 @@ fn rmsnorm_backward(
                 .zip(x.chunks(c))
                 .zip(rstd)
             {
-                let mut dot = 0f32;
-                for i in 0..c {
-                    let xh = x[i] * r;
-                    dw[i] += dy[i] * xh;
-                    dot += dy[i] * w[i] * xh;
-                }
-                let mean = dot / c as f32;
-                for i in 0..c {
-                    dx[i] += r * (dy[i] * w[i] - x[i] * r * mean);
-                }
+                rmsnorm_backward_row(dx, &mut dw, dy, x, w, r);
             }
             dw
         })

@@ -75,6 +75,60 @@ fn lanes_max(x: &[f32]) -> f32 {
     m
 }
 
+/// Σ a·b·c over three rows (16 lanes, fixed order); `c` None means all ones.
+#[inline(always)]
+fn lanes_dot(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
+    let n = a.len();
+    let mut acc = [0f32; LANES];
+    let whole = n - n % LANES;
+    for i in (0..whole).step_by(LANES) {
+        for l in 0..LANES {
+            let ab = a[i + l] * b[i + l];
+            acc[l] += match c {
+                Some(c) => ab * c[i + l],
+                None => ab,
+            };
+        }
+    }
+    let mut rest = 0f32;
+    for i in whole..n {
+        let ab = a[i] * b[i];
+        rest += match c {
+            Some(c) => ab * c[i],
+            None => ab,
+        };
+    }
+    let mut total = 0f32;
+    for v in acc {
+        total += v;
+    }
+    total + rest
+}
+
+multiversion! {
+    /// One RMSNorm row: out = x · rstd · w; returns rstd = 1/√(mean(x²) + eps).
+    pub fn rmsnorm_row(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+        let r = 1.0 / (lanes_dot(x, x, None) / x.len() as f32 + eps).sqrt();
+        for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+            *o = x * r * w;
+        }
+        r
+    }
+}
+
+multiversion! {
+    /// Backward of one RMSNorm row with saved rstd `r`: dx += r·(w·dy − x̂·mean(w·dy·x̂)) and
+    /// dw += dy·x̂, where x̂ = x·r.
+    pub fn rmsnorm_backward_row(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], r: f32) {
+        let mean = lanes_dot(dy, w, Some(x)) * r / x.len() as f32;
+        for i in 0..x.len() {
+            let xh = x[i] * r;
+            dw[i] += dy[i] * xh;
+            dx[i] += r * (dy[i] * w[i] - xh * mean);
+        }
+    }
+}
+
 /// x ← e^((x − m)·scale) in place; returns the sum (16 lanes, fixed order).
 #[inline(always)]
 fn exp_shift_sum(x: &mut [f32], m: f32, scale: f32) -> f32 {
