@@ -203,11 +203,11 @@ enum BenchCommand {
         /// Configs to run, comma-separated.
         #[arg(long, default_value = "tiny,small-bytes,small")]
         configs: String,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         steps: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
         batch: usize,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
@@ -228,20 +228,29 @@ enum BenchCommand {
     /// GFLOP/s of the CPU step's matrix products on the small configs' shapes (2048 token
     /// rows; dim 288, hidden 768, vocab 256), beside `shared/bench/peak_gemm.py --model-shapes`.
     Gemm {
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
         rows: usize,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         reps: usize,
     },
     /// Checkpoint write speed against a plain write + fsync of the same bytes.
     Ckpt {
         #[arg(long, default_value = "checkpoints")]
         dir: PathBuf,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = at_least_one)]
         mb: usize,
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = at_least_one)]
         reps: usize,
     },
+}
+
+/// Counts that must be positive (steps, batch, rows, repetitions): clap names the option.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -296,4 +296,37 @@ mod tests {
             assert!((g as f64 - want).abs() < 1e-6, "{i}: {g} vs {want}");
         }
     }
+
+    /// Rows of 37 (two 16-lane chunks and a remainder) against the f64 definitions.
+    #[test]
+    fn rmsnorm_rows_match_the_definition() {
+        let c = 37;
+        let x: Vec<f32> = (0..c).map(|i| ((i * 5) % 13) as f32 * 0.2 - 1.1).collect();
+        let w: Vec<f32> = (0..c).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let dy: Vec<f32> = (0..c).map(|i| ((i * 3) % 11) as f32 * 0.1 - 0.4).collect();
+        let eps = 1e-5f32;
+        let mut out = vec![0f32; c];
+        let r = rmsnorm_row(&mut out, &x, &w, eps);
+        let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
+        let r64 = 1.0 / (ms + eps as f64).sqrt();
+        assert!((r as f64 - r64).abs() < 1e-6 * r64);
+        for i in 0..c {
+            let want = x[i] as f64 * r64 * w[i] as f64;
+            assert!((out[i] as f64 - want).abs() < 1e-5, "out {i}");
+        }
+        // dx accumulates onto what is there; dw too.
+        let (mut dx, mut dw) = (vec![1f32; c], vec![2f32; c]);
+        rmsnorm_backward_row(&mut dx, &mut dw, &dy, &x, &w, r);
+        let mean = (0..c)
+            .map(|i| dy[i] as f64 * w[i] as f64 * x[i] as f64 * r64)
+            .sum::<f64>()
+            / c as f64;
+        for i in 0..c {
+            let xh = x[i] as f64 * r64;
+            let want_dx = 1.0 + r64 * (dy[i] as f64 * w[i] as f64 - xh * mean);
+            let want_dw = 2.0 + dy[i] as f64 * xh;
+            assert!((dx[i] as f64 - want_dx).abs() < 1e-5, "dx {i}");
+            assert!((dw[i] as f64 - want_dw).abs() < 1e-5, "dw {i}");
+        }
+    }
 }

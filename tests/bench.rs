@@ -1,0 +1,92 @@
+//! `wick bench` prints one JSON line per measurement, with the fields the README documents.
+mod common;
+use common::*;
+use std::process::Command;
+
+fn json_lines(o: &std::process::Output) -> Vec<serde_json::Value> {
+    assert_eq!(code(o), 0, "bench failed: {}", stderr(o));
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn bench_train_reports_throughput_split_and_memory() {
+    let o = Command::new(wick_bin())
+        .args([
+            "bench",
+            "train",
+            "--configs",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 1);
+    let r = &lines[0];
+    assert_eq!(r["config"], "tiny");
+    assert_eq!(
+        r["params"], 332_480,
+        "tiny must match the PyTorch reference's shapes"
+    );
+    for key in [
+        "tokens_per_s",
+        "step_ms_median",
+        "forward_ms",
+        "backward_ms",
+        "achieved_gflops_excl_emb",
+        "peak_rss_mb",
+    ] {
+        let v = r[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing in {r}"));
+        assert!(v > 0.0, "{key} = {v}");
+    }
+    let parts = r["forward_ms"].as_f64().unwrap()
+        + r["backward_ms"].as_f64().unwrap()
+        + r["optimizer_ms"].as_f64().unwrap();
+    assert!(parts <= r["step_ms_median"].as_f64().unwrap() * 1.5);
+}
+
+#[test]
+fn bench_gemm_measures_every_layout_of_every_shape() {
+    let o = Command::new(wick_bin())
+        .args(["bench", "gemm", "--rows", "256", "--reps", "2"])
+        .output()
+        .unwrap();
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 12, "4 shapes × 3 layouts");
+    for r in &lines {
+        assert_eq!(r["rows"], 256);
+        assert!(r["gflops_median"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ms_median"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let layouts: std::collections::BTreeSet<_> =
+        lines.iter().map(|r| r["layout"].to_string()).collect();
+    assert_eq!(layouts.len(), 3);
+}
+
+#[test]
+fn zero_counts_are_refused_by_name() {
+    for (args, option) in [
+        (&["train", "--steps", "0"][..], "--steps"),
+        (&["train", "--batch", "0"][..], "--batch"),
+        (&["gemm", "--rows", "0"][..], "--rows"),
+        (&["gemm", "--reps", "0"][..], "--reps"),
+    ] {
+        let o = Command::new(wick_bin())
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(code(&o), 2, "{args:?}: {err}");
+        assert!(err.contains(option) && err.contains("at least 1"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
