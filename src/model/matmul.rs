@@ -109,9 +109,14 @@ unsafe fn product(
     // takes part of a core, the thread on the free core steals the slowed one's second band
     // (busy-neighbour throughput +5 %; no change on a quiet machine). Smaller products stay
     // on one thread.
+    //
+    // gemm sums k in blocks whose size depends only on k and the CPU's caches — except on
+    // its small-product path (≤ 64 × 64 outputs, k blocks of 512), which a band could take
+    // where the whole product does not: such products stay whole, so results do not depend
+    // on the thread count.
     let parts = match threads {
-        Threads::All => (rayon::current_num_threads() * 2).min(m / 64),
-        Threads::One => 1,
+        Threads::All if n > 64 || k <= 512 => (rayon::current_num_threads() * 2).min(m / 64),
+        _ => 1,
     };
     if parts < 2 {
         return gemm_call(c, ldc, a, b, (m, n, k), accumulate);
