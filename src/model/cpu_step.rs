@@ -385,6 +385,25 @@ struct Dims {
     v: usize,
 }
 
+impl Dims {
+    /// Where query head `h` of batch row `b` and the key/value head it reads lie in the
+    /// token-major q and k/v matrices.
+    fn head_strips(&self, b: usize, h: usize) -> (Strip, Strip) {
+        let kvc = self.kv * self.d;
+        let kvh = h / (self.h / self.kv);
+        (
+            Strip {
+                offset: b * self.t * self.c + h * self.d,
+                ld: self.c,
+            },
+            Strip {
+                offset: b * self.t * kvc + kvh * self.d,
+                ld: kvc,
+            },
+        )
+    }
+}
+
 /// Rotate one head vector in place (half-split layout).
 #[inline]
 fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
@@ -510,16 +529,7 @@ pub fn loss_and_grads(
         let out = SharedOut(y.as_mut_ptr());
         lse.par_chunks_mut(g.t).enumerate().for_each(|(bh, lse)| {
             let (b, h) = (bh / g.h, bh % g.h);
-            let strips = (
-                Strip {
-                    offset: b * g.t * c + h * g.d,
-                    ld: c,
-                },
-                Strip {
-                    offset: b * g.t * kvc + (h / rep) * g.d,
-                    ld: kvc,
-                },
-            );
+            let strips = g.head_strips(b, h);
             with_scratch(tt, |p, _| {
                 // SAFETY: task bh alone writes head h of batch b's strip of y.
                 unsafe { attention_head((&q, &k, &vv), strips, out, lse, p, g.t, g.d, scale) }
@@ -642,16 +652,7 @@ pub fn loss_and_grads(
             with_scratch(tt, |p, ds| {
                 for h in kvh * rep..(kvh + 1) * rep {
                     let bh = b * g.h + h;
-                    let strips = (
-                        Strip {
-                            offset: b * g.t * c + h * g.d,
-                            ld: c,
-                        },
-                        Strip {
-                            offset: b * g.t * kvc + kvh * g.d,
-                            ld: kvc,
-                        },
-                    );
+                    let strips = g.head_strips(b, h);
                     // SAFETY: task bkv alone writes batch b's strips of the key/value head
                     // kvh in dk, dv and of its query heads in dq.
                     unsafe {

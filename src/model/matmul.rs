@@ -46,11 +46,10 @@ pub fn matmul_into(
     accumulate: bool,
     threads: Threads,
 ) {
-    check_operands(a, b, (m, n, k));
-    assert!(n <= ldc && c.len() >= (m - 1) * ldc + n);
-    // SAFETY: the asserts keep every access inside the slices; `c` is borrowed mutably, so it
-    // cannot overlap the operands.
-    unsafe { product(c.as_mut_ptr(), ldc, a, b, (m, n, k), accumulate, threads) }
+    assert!(m > 0 && c.len() >= (m - 1) * ldc + n);
+    // SAFETY: the assert keeps every write inside `c` (matmul_ptr checks the operands and
+    // n <= ldc); `c` is borrowed mutably, so nothing else touches it or overlaps it.
+    unsafe { matmul_ptr(c.as_mut_ptr(), ldc, a, b, (m, n, k), accumulate, threads) }
 }
 
 /// c (m×n at `c`, row stride `ldc`) = a·b, or c += a·b with `accumulate`, for destinations
