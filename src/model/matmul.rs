@@ -24,13 +24,12 @@ pub enum Threads {
 /// read_dst false it never reads the destination, so the zeroing pass of `vec![0.0; ..]` is
 /// skipped.
 pub fn matmul_new(a: Operand, b: Operand, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
-    check_operands(a, b, (m, n, k));
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: operands checked above; the destination is the Vec's own capacity (m·n
-    // elements, row stride n), every element of which gemm writes without reading it
-    // (read_dst = false) before the length is set.
+    // SAFETY: the destination is the Vec's own capacity (m·n elements, row stride n), every
+    // element of which gemm writes without reading it (read_dst = false) before the length
+    // is set; matmul_ptr checks the operands.
     unsafe {
-        product(c.as_mut_ptr(), n, a, b, (m, n, k), false, Threads::All);
+        matmul_ptr(c.as_mut_ptr(), n, a, b, (m, n, k), false, Threads::All);
         c.set_len(m * n);
     }
     c
@@ -52,8 +51,28 @@ pub fn matmul_into(
     unsafe { matmul_ptr(c.as_mut_ptr(), ldc, a, b, (m, n, k), accumulate, threads) }
 }
 
-/// c (m×n at `c`, row stride `ldc`) = a·b, or c += a·b with `accumulate`, for destinations
-/// that parallel tasks share (each writing its own columns).
+fn check_operands(a: Operand, b: Operand, (m, n, k): (usize, usize, usize)) {
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!(a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
+    assert!(b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
+}
+
+/// A destination pointer that may cross to the pool's threads: each writes its own band.
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+// SAFETY: `matmul_ptr` hands each thread a disjoint band of rows of one destination.
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    /// The pointer, through a method so that closures capture the whole (Send) wrapper.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// c (m×n at `c`, row stride `ldc`) = a·b, or c += a·b with `accumulate`; also for
+/// destinations that parallel tasks share (each writing its own columns).
 ///
 /// # Safety
 /// `c` must be valid for writes (and reads, when accumulating) of that matrix, which no one
@@ -69,41 +88,6 @@ pub unsafe fn matmul_ptr(
 ) {
     check_operands(a, b, (m, n, k));
     assert!(n <= ldc);
-    product(c, ldc, a, b, (m, n, k), accumulate, threads)
-}
-
-fn check_operands(a: Operand, b: Operand, (m, n, k): (usize, usize, usize)) {
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!(a.0.len() > (m - 1) * a.1 + (k - 1) * a.2);
-    assert!(b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
-}
-
-/// A destination pointer that may cross to the pool's threads: each writes its own band.
-#[derive(Clone, Copy)]
-struct Rows(*mut f32);
-// SAFETY: `product` hands each thread a disjoint band of rows of one destination.
-unsafe impl Send for Rows {}
-unsafe impl Sync for Rows {}
-
-impl Rows {
-    /// The pointer, through a method so that closures capture the whole (Send) wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// # Safety
-/// `c` must be valid for writes (and reads, when accumulating) of an (m × n) matrix with row
-/// stride `ldc`, not overlapping `a` or `b`, and the operands must hold their matrices.
-unsafe fn product(
-    c: *mut f32,
-    ldc: usize,
-    a: Operand,
-    b: Operand,
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    threads: Threads,
-) {
     // Two bands per thread, of at least 64 rows (one gemm micro-panel): when another process
     // takes part of a core, the thread on the free core steals the slowed one's second band
     // (busy-neighbour throughput +5 %; no change on a quiet machine). Smaller products stay
@@ -142,7 +126,7 @@ unsafe fn product(
 }
 
 /// # Safety
-/// As for `product`.
+/// As for `matmul_ptr`, with the operands already checked.
 unsafe fn gemm_call(
     c: *mut f32,
     ldc: usize,
