@@ -5,7 +5,6 @@ use super::{check_stop, context, lock};
 use crate::data::source::{discover, is_data_file};
 use crate::data::{Loader, LoaderCursor, LoaderSpec, NextError, OnBad, SourceSpec, Tokenizer};
 use crate::host::signals::{self, Interrupted};
-use crate::host::Refused;
 use crate::train::Windows;
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 use std::path::Path;
@@ -457,38 +456,12 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
     let saved_meta = explicit.as_ref().or(c.resume.as_ref().map(|r| &r.meta));
     let cursor = match saved_meta.and_then(|m| m.loaders.get(&name)) {
         Some(saved) => {
-            let mut diffs = Vec::new();
-            if saved.tokenizer != tokenizer.identity() {
-                diffs.push(format!(
-                    "tokenizer: checkpoint has {}, recipe uses {}",
-                    saved.tokenizer,
-                    tokenizer.identity()
-                ));
-            }
             let now: Vec<_> = spec
                 .sources
                 .iter()
                 .map(|(n, s, _)| (n.clone(), s.files.clone()))
                 .collect();
-            if saved.sources.len() != now.len() {
-                diffs.push(format!(
-                    "number of sources: checkpoint has {}, recipe has {}",
-                    saved.sources.len(),
-                    now.len()
-                ));
-            } else {
-                for ((_, a), (n, b)) in saved.sources.iter().zip(&now) {
-                    if a != b {
-                        diffs.push(describe_file_diff(n, a, b));
-                    }
-                }
-            }
-            if !diffs.is_empty() {
-                return Err(mlua::Error::external(Refused(format!(
-                    "data of loader '{name}' differs from the checkpoint's: {}",
-                    diffs.join("; ")
-                ))));
-            }
+            crate::run::resume::check_loader(&name, saved, &tokenizer.identity(), &now)?;
             Some(saved.cursor.clone())
         }
         None => None,
@@ -498,32 +471,6 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
     c.loaders.retain(|(n, _)| *n != name);
     c.loaders.push((name, loader.clone()));
     Ok(LoaderHandle(loader))
-}
-
-fn describe_file_diff(
-    source: &str,
-    saved: &[crate::data::FileEntry],
-    now: &[crate::data::FileEntry],
-) -> String {
-    if saved.len() != now.len() {
-        return format!(
-            "source {source}: checkpoint has {} files, now {}",
-            saved.len(),
-            now.len()
-        );
-    }
-    for (a, b) in saved.iter().zip(now) {
-        if a.path != b.path {
-            return format!("source {source}: file {} is now {}", a.path, b.path);
-        }
-        if a.size != b.size {
-            return format!(
-                "source {source}: file {} was {} bytes, now {}",
-                a.path, a.size, b.size
-            );
-        }
-    }
-    format!("source {source} differs")
 }
 
 const SLIMPAJAMA_KEYS: &[&str] = &[

@@ -2,25 +2,22 @@
 //! calls into model / train / data / host, so recipes, the REPL and tests drive the same code.
 
 mod data;
+pub mod docs;
 mod model;
 pub mod opts;
 mod session;
 
-use crate::host::checkpointing;
-use crate::host::context::{RunContext, SharedContext};
 use crate::host::signals::{self, Interrupted};
+use crate::run::checkpointing;
+pub use crate::run::context::lock;
+use crate::run::context::SharedContext;
 use mlua::{Lua, LuaSerdeExt, Table, Value};
-use std::sync::MutexGuard;
 
 /// The run context of this Lua state.
 pub fn context(lua: &Lua) -> mlua::Result<SharedContext> {
     lua.app_data_ref::<SharedContext>()
         .map(|c| c.clone())
         .ok_or_else(|| mlua::Error::runtime("wick host context missing"))
-}
-
-pub fn lock(ctx: &SharedContext) -> MutexGuard<'_, RunContext> {
-    ctx.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Every host call starts here: a pending stop ends the script at this boundary.
@@ -118,54 +115,19 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
 fn log(lua: &Lua, fields: Value) -> mlua::Result<()> {
     check_stop()?;
     let table = opts::table_arg("wick.log", fields)?;
-    let ctx = context(lua)?;
-    let mut row = serde_json::Map::new();
-    let mut c = lock(&ctx);
-    if let Some(s) = &c.session {
-        let s = s
-            .lock()
-            .map_err(|_| mlua::Error::runtime("session is unusable after a crash"))?;
-        row.insert("step".into(), s.step.into());
-        row.insert("lr".into(), s.lr.into());
-        row.insert("tokens".into(), s.tokens_seen.into());
-        if let Some(l) = s.last_loss {
-            row.insert("loss".into(), l.into());
-        }
-    }
-    let mut shown = Vec::new();
+    let mut values = Vec::new();
     for pair in table.pairs::<String, Value>() {
         let (k, v) = pair?;
         let j: serde_json::Value = lua.from_value(v).map_err(|e| {
             mlua::Error::runtime(format!("wick.log: value of '{k}' is not plain data: {e}"))
         })?;
-        shown.push(match &j {
-            serde_json::Value::Number(n) => format!("{k} {:.4}", n.as_f64().unwrap_or(0.0)),
-            other => format!("{k} {other}"),
-        });
-        row.insert(k, j);
+        values.push((k, j));
     }
-    let bad: u64 = c
-        .loaders
-        .iter()
-        .filter_map(|(_, l)| l.lock().ok().map(|l| l.stats_snapshot().bad_rows))
-        .sum();
-    if bad > 0 {
-        row.insert("bad_rows".into(), bad.into());
-    }
-    row.insert(
-        "data_wait_pct".into(),
-        ((c.data_wait().0 * 100.0).round() / 100.0).into(),
-    );
-    row.insert("time".into(), crate::ckpt::meta::now_unix().into());
-    c.write_metrics(&serde_json::Value::Object(row.clone()))
-        .map_err(mlua::Error::runtime)?;
+    let ctx = context(lua)?;
+    let mut c = lock(&ctx);
+    let (_, line) = crate::run::metrics::log(&mut c, values)?;
     if !c.opts.quiet {
-        shown.sort();
-        let step = row
-            .get("step")
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "-".into());
-        crate::progress::warn(&format!("step {step}: {}", shown.join(", ")));
+        crate::host::progress::warn(&line);
     }
     Ok(())
 }
@@ -174,11 +136,11 @@ fn log(lua: &Lua, fields: Value) -> mlua::Result<()> {
 fn save(lua: &Lua, path: Option<String>) -> mlua::Result<Value> {
     check_stop()?;
     let ctx = context(lua)?;
-    let state = crate::host::guard::read_state(lua);
+    let state = crate::run::guard::read_state(lua);
     let mut c = lock(&ctx);
     let result = checkpointing::save(&mut c, state, "manual", path.map(Into::into), true)
-        .map_err(|e| mlua::Error::runtime(e.to_string()))?;
-    crate::progress::warn(&checkpointing::describe(&result, "manual"));
+        .map_err(crate::Error::from)?;
+    crate::host::progress::warn(&checkpointing::describe(&result, "manual"));
     match result {
         checkpointing::SaveResult::Saved { path, .. } => Ok(Value::String(
             lua.create_string(path.display().to_string())?,
@@ -208,15 +170,15 @@ fn golden(
         .golden_dir
         .clone()
         .unwrap_or_else(|| std::path::PathBuf::from("golden"));
-    let tol = crate::golden::Tolerance { rtol, atol };
-    match crate::golden::check(&dir, &name, &values, tol, c.opts.bless)
+    let tol = crate::run::golden::Tolerance { rtol, atol };
+    match crate::run::golden::check(&dir, &name, &values, tol, c.opts.bless)
         .map_err(mlua::Error::runtime)?
     {
-        crate::golden::Verdict::Blessed(status) => {
+        crate::run::golden::Verdict::Blessed(status) => {
             c.blessed.push((name, status.to_string()));
             Ok((true, String::new()))
         }
-        crate::golden::Verdict::Match => Ok((true, String::new())),
-        crate::golden::Verdict::Mismatch(msg) => Ok((false, msg)),
+        crate::run::golden::Verdict::Match => Ok((true, String::new())),
+        crate::run::golden::Verdict::Mismatch(msg) => Ok((false, msg)),
     }
 }

@@ -4,7 +4,6 @@ use super::opts::{did_you_mean, table_arg, Opts};
 use super::{check_stop, context, lock, to_lua_table};
 use crate::data::Tokenizer;
 use crate::host::signals;
-use crate::host::Refused;
 use crate::model::generate::{generate, SampleOptions};
 use crate::model::{default_hidden_dim, Llama, ModelConfig, PRESET_NAMES};
 use mlua::{Lua, MetaMethod, UserData, UserDataMethods, Value};
@@ -119,13 +118,7 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
         )
     };
     if let Some(saved) = resume_config {
-        let diffs = config.differences(&saved);
-        if !diffs.is_empty() {
-            return Err(mlua::Error::external(Refused(format!(
-                "the model config differs from the checkpoint's: {}",
-                diffs.join("; ")
-            ))));
-        }
+        crate::run::resume::check_model(&saved, &config)?;
     }
     let model = Llama::new(config, seed, &compute.device)
         .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?
@@ -230,18 +223,12 @@ impl UserData for ModelHandle {
                     "token {bad} is outside the model's vocabulary"
                 )));
             }
-            let rows = this
+            let vocab = this.model.config.vocab;
+            let flat = this
                 .model
-                .no_grad(|| -> candle_core::Result<Vec<Vec<f32>>> {
-                    let x = candle_core::Tensor::new(ids.as_slice(), this.model.device())?
-                        .unsqueeze(0)?;
-                    this.model
-                        .forward(&x)?
-                        .squeeze(0)?
-                        .to_dtype(candle_core::DType::F32)?
-                        .to_vec2()
-                });
-            rows.map_err(|e| mlua::Error::runtime(format!("model:logits: {e}")))
+                .logits(&ids, ids.len())
+                .map_err(|e| mlua::Error::runtime(format!("model:logits: {e}")))?;
+            Ok(flat.chunks(vocab).map(<[f32]>::to_vec).collect::<Vec<_>>())
         });
         methods.add_method(
             "generate",

@@ -5,11 +5,7 @@ use super::data::{BatchHandle, LoaderHandle};
 use super::model::ModelHandle;
 use super::opts::{table_arg, Opts};
 use super::{check_stop, context, lock};
-use crate::data::NextError;
-use crate::host::checkpointing::{self, diverged_path};
-use crate::host::signals::{self, Interrupted};
-use crate::host::{Diverged, Refused};
-use crate::train::{AdamW, AdamWConfig, Session, StepError};
+use crate::train::{AdamW, AdamWConfig, Session};
 use mlua::{AnyUserData, Lua, MetaMethod, UserData, UserDataMethods, Value};
 use std::sync::{Arc, Mutex};
 
@@ -88,60 +84,6 @@ pub fn adamw(_: &Lua, options: Option<Value>) -> mlua::Result<OptimHandle> {
 
 const SESSION_KEYS: &[&str] = &["model", "optim", "lr", "resume"];
 
-/// Load a checkpoint's weights, optimizer state and counters into a fresh session.
-fn restore(
-    session: &mut Session,
-    model: &ModelHandle,
-    ckpt: &crate::ckpt::Checkpoint,
-) -> mlua::Result<()> {
-    let diffs = model.model.config.differences(&ckpt.meta.model);
-    if !diffs.is_empty() {
-        return Err(mlua::Error::external(Refused(format!(
-            "the model config differs from the checkpoint's: {}",
-            diffs.join("; ")
-        ))));
-    }
-    model
-        .model
-        .load_params(&ckpt.group("model."))
-        .map_err(|e| {
-            mlua::Error::external(Refused(format!("checkpoint {}: {e}", ckpt.path.display())))
-        })?;
-    // Checkpoints are device- and dtype-independent: moments come back onto this run's device
-    // in the master weights' dtype, wherever and in whatever layout they were written.
-    let device = model.model.device().clone();
-    let master = model
-        .model
-        .params()
-        .values()
-        .next()
-        .map(|v| v.dtype())
-        .unwrap_or(candle_core::DType::F32);
-    let to_dev = |m: std::collections::BTreeMap<String, candle_core::Tensor>| -> mlua::Result<_> {
-        m.into_iter()
-            .map(|(k, t)| {
-                Ok((
-                    k,
-                    // A copy: AdamW updates moments in place, and these tensors are
-                    // shared with the loaded checkpoint.
-                    t.to_device(&device)
-                        .and_then(|t| t.to_dtype(master))
-                        .and_then(|t| t.copy())
-                        .map_err(|e| mlua::Error::runtime(e.to_string()))?,
-                ))
-            })
-            .collect::<mlua::Result<std::collections::BTreeMap<_, _>>>()
-    };
-    session.optim.m = to_dev(ckpt.group("optim.m."))?;
-    session.optim.v = to_dev(ckpt.group("optim.v."))?;
-    session.optim.step = ckpt.meta.optim_step;
-    session.step = ckpt.meta.step;
-    session.tokens_seen = ckpt.meta.tokens_seen;
-    session.lr = ckpt.meta.lr;
-    session.last_loss = ckpt.meta.loss;
-    Ok(())
-}
-
 pub fn create(lua: &Lua, options: Value) -> mlua::Result<SessionHandle> {
     check_stop()?;
     let o = Opts::new(
@@ -190,7 +132,7 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<SessionHandle> {
         None => None,
     };
     if let Some(ckpt) = explicit.or_else(|| c.resume.clone().filter(|_| c.session.is_none())) {
-        restore(&mut session, &model, &ckpt)?;
+        crate::run::resume::restore(&mut session, &ckpt)?;
     }
     let session = Arc::new(Mutex::new(session));
     c.session = Some(session.clone());
@@ -199,85 +141,24 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<SessionHandle> {
 
 impl SessionHandle {
     fn lock(&self) -> mlua::Result<std::sync::MutexGuard<'_, Session>> {
-        self.session.lock().map_err(|_| {
-            mlua::Error::runtime(
-                "the session is unusable: a previous host call crashed inside a step",
-            )
-        })
+        Ok(crate::run::step::lock_session(&self.session)?)
     }
 }
 
+/// `session:step(batch)`: the run's step path; the batch's cursor is committed once it trained.
 fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64> {
     check_stop()?;
     let batch = batch
         .borrow::<BatchHandle>()
         .map_err(|_| mlua::Error::runtime("session:step expects a batch from loader:next()"))?;
-    let step_start = std::time::Instant::now();
-    let step_tokens = (batch.windows.batch * (batch.windows.width - 1)) as u64;
-    let result = this.lock()?.train_step(&batch.windows);
-    if result.is_ok() {
-        batch.commit();
-    }
     let ctx = context(lua)?;
-    lock(&ctx).step_ms_total += step_start.elapsed().as_secs_f64() * 1e3;
-    match result {
-        Ok(loss) => {
-            let (step, lr, tokens) = {
-                let s = this.lock()?;
-                (s.step, s.lr, s.tokens_seen)
-            };
-            let save_every = {
-                let mut c = lock(&ctx);
-                let (t0, tokens0) = *c
-                    .loop_clock
-                    .get_or_insert((step_start, tokens.saturating_sub(step_tokens)));
-                let secs = t0.elapsed().as_secs_f64();
-                let tps = if secs > 0.0 {
-                    (tokens - tokens0) as f64 / secs
-                } else {
-                    0.0
-                };
-                let bad: u64 = c
-                    .loaders
-                    .iter()
-                    .filter_map(|(_, l)| l.lock().ok().map(|l| l.stats_snapshot().bad_rows))
-                    .sum();
-                let extra = if bad > 0 {
-                    format!(" ({bad} bad rows skipped)")
-                } else {
-                    String::new()
-                };
-                crate::progress::update(step, loss, lr, tps, &extra);
-                c.opts.save_every
-            };
-            if save_every.is_some_and(|n| n > 0 && step % n == 0) {
-                let state = crate::host::guard::read_state(lua);
-                let mut c = lock(&ctx);
-                let r = checkpointing::save(&mut c, state, "periodic", None, false)
-                    .map_err(|e| mlua::Error::runtime(e.to_string()))?;
-                crate::progress::warn(&checkpointing::describe(&r, "periodic"));
-            }
-            Ok(loss)
-        }
-        Err(StepError::Diverged { step, what }) => {
-            let msg = format!(
-                "training diverged at step {step}: {what}; lower the learning rate or clip harder"
-            );
-            let state = crate::host::guard::read_state(lua);
-            let mut c = lock(&ctx);
-            let path = diverged_path(&c.opts.ckpt_path);
-            c.diverged = true;
-            match checkpointing::save(&mut c, state, "diverged", Some(path), true) {
-                Ok(r) => crate::progress::warn(&checkpointing::describe(&r, "diverged")),
-                Err(e) => crate::progress::warn(&format!("could not keep the diverged state: {e}")),
-            }
-            Err(mlua::Error::external(Diverged(msg)))
-        }
-        Err(StepError::Failed(e)) => Err(mlua::Error::runtime(format!(
-            "session:step: {}",
-            crate::host::guard::strip_backtrace(&e.to_string())
-        ))),
-    }
+    Ok(crate::run::step::train(
+        &ctx,
+        &this.session,
+        &batch.windows,
+        || batch.commit(),
+        || crate::run::guard::read_state(lua),
+    )?)
 }
 
 fn eval(this: &SessionHandle, loader: AnyUserData, n: Option<usize>) -> mlua::Result<f64> {
@@ -285,28 +166,11 @@ fn eval(this: &SessionHandle, loader: AnyUserData, n: Option<usize>) -> mlua::Re
     let loader = loader.borrow::<LoaderHandle>().map_err(|_| {
         mlua::Error::runtime("session:eval expects a loader: session:eval(loader, n_batches)")
     })?;
-    let n = n.unwrap_or(8).max(1);
-    let batches = {
-        let mut l = loader
-            .0
-            .lock()
-            .map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
-        l.eval_batches(n, &signals::stop_requested)
-            .map_err(|e| match e {
-                NextError::Interrupted => mlua::Error::external(Interrupted),
-                NextError::Data(m) => mlua::Error::runtime(m),
-            })?
-    };
-    let s = this.lock()?;
-    let mut total = 0.0;
-    for b in &batches {
-        check_stop()?;
-        s.check_windows(b).map_err(mlua::Error::runtime)?;
-        total += s
-            .eval_loss(b)
-            .map_err(|e| mlua::Error::runtime(format!("session:eval: {e}")))?;
-    }
-    Ok(total / batches.len() as f64)
+    Ok(crate::run::step::eval(
+        &this.session,
+        &loader.0,
+        n.unwrap_or(8),
+    )?)
 }
 
 impl UserData for SessionHandle {
@@ -341,7 +205,7 @@ impl UserData for SessionHandle {
         methods.add_method("steps", |lua, this, total: u64| {
             check_stop()?;
             let first = this.lock()?.step;
-            crate::progress::start(first, total);
+            crate::host::progress::start(first, total);
             let mut next = first;
             lua.create_function_mut(move |_, ()| {
                 check_stop()?;

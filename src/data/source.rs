@@ -436,7 +436,7 @@ impl RecordReader {
         if st.examples.len() < 5 {
             st.examples.push(msg.clone());
             drop(st);
-            crate::progress::warn(&format!("skipped bad row {msg}"));
+            crate::host::progress::warn(&format!("skipped bad row {msg}"));
         }
         Ok(None)
     }

@@ -7,7 +7,7 @@ use super::source::{
 };
 use super::tokenizer::Tokenizer;
 use super::DataStats;
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use std::sync::{Arc, Mutex};
 
 pub struct TokenStream {
@@ -162,7 +162,7 @@ impl TokenStream {
             let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             st.bad_files += 1;
         }
-        crate::progress::warn(&format!("skipping file: {err}"));
+        crate::host::progress::warn(&format!("skipping file: {err}"));
         self.reader = None;
         self.cursor.file += 1;
         self.cursor.offset = 0;

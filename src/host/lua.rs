@@ -1,7 +1,8 @@
-//! Building the Lua state a recipe runs in: the `wick` API, the embedded stdlib, the prelude
-//! that keeps a stop from being swallowed, and the count hook that notices a stop in pure Lua.
+//! Building the Lua state a recipe runs in: the embedded stdlib, the recipe's module path, the
+//! prelude that keeps a stop from being swallowed, and the count hook that notices a stop in
+//! pure Lua. The `wick` API itself is installed by whoever calls (see `setup`): the host does
+//! not know the bindings.
 
-use super::context::SharedContext;
 use super::signals::{self, Interrupted};
 use mlua::{HookTriggers, Lua, VmState};
 use std::path::Path;
@@ -31,10 +32,14 @@ end
 /// Instructions between stop checks in pure Lua: cheap, and well under 100 ms.
 const HOOK_EVERY: u32 = 1000;
 
-pub fn new_state(ctx: SharedContext, recipe: Option<&Path>) -> mlua::Result<Lua> {
+/// A fresh Lua state: `install` puts the API in (it must define `wick.__stopping`, which the
+/// prelude uses), then the stdlib, the module path next to `recipe` and the stop hook.
+pub fn new_state(
+    recipe: Option<&Path>,
+    install: impl FnOnce(&Lua) -> mlua::Result<()>,
+) -> mlua::Result<Lua> {
     let lua = Lua::new();
-    lua.set_app_data(ctx);
-    crate::api::install(&lua)?;
+    install(&lua)?;
     for (name, src) in STDLIB {
         let chunk = lua
             .load(*src)

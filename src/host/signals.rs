@@ -113,13 +113,13 @@ fn on_signal() {
     let name = signal_name(if sig == 0 { libc::SIGINT } else { sig });
     match n {
         1 if REPL_MODE.load(Ordering::SeqCst) => {}
-        1 => crate::progress::warn(&format!(
+        1 => crate::host::progress::warn(&format!(
             "{name} received: stopping at the next step boundary, then saving the checkpoint (Ctrl+C twice more aborts without saving)"
         )),
         2 if SAVING.load(Ordering::SeqCst) => {
-            crate::progress::warn("saving checkpoint, please wait (one more Ctrl+C aborts; the previous checkpoint stays)")
+            crate::host::progress::warn("saving checkpoint, please wait (one more Ctrl+C aborts; the previous checkpoint stays)")
         }
-        2 => crate::progress::warn("stopping, please wait (one more Ctrl+C aborts without saving)"),
+        2 => crate::host::progress::warn("stopping, please wait (one more Ctrl+C aborts without saving)"),
         _ => {
             let tmp = crate::ckpt::WRITING.try_lock().ok().and_then(|g| g.clone());
             if let Some(tmp) = tmp {
@@ -131,8 +131,14 @@ fn on_signal() {
     }
 }
 
-/// Install the handlers once per process.
+/// Install the handlers (once per process; later calls do nothing).
 pub fn install() -> Result<(), String> {
+    static INSTALLED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+    if *installed {
+        return Ok(());
+    }
+    *installed = true;
     ctrlc::set_handler(on_signal).map_err(|e| format!("cannot install signal handlers: {e}"))?;
     for (i, &sig) in SIGNALS.iter().enumerate() {
         // SAFETY: plain sigaction calls; the new handler only stores an atomic and chains.

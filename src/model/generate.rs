@@ -1,8 +1,8 @@
 //! Sampling text from a model: temperature, top-k, a seed of its own.
 
 use super::Llama;
-use crate::rng::Rng;
-use candle_core::{DType, Device, Result, Tensor, D};
+use crate::util::rng::Rng;
+use candle_core::Result;
 
 #[derive(Clone, Debug)]
 pub struct SampleOptions {
@@ -35,14 +35,8 @@ pub fn generate(
             candle_core::bail!("interrupted");
         }
         let start = tokens.len().saturating_sub(window);
-        let ctx = Tensor::new(&tokens[start..], model.device())?.unsqueeze(0)?;
-        let logits = model.forward(&ctx)?;
-        let last = logits
-            .narrow(1, ctx.dim(1)? - 1, 1)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?;
-        let next = sample(&last, opts, &mut rng)?;
+        let last = model.logits(&tokens[start..], 1)?;
+        let next = sample(last, opts, &mut rng)?;
         if Some(next) == opts.stop_token {
             break;
         }
@@ -51,11 +45,21 @@ pub fn generate(
     Ok(tokens[prompt_len.min(tokens.len())..].to_vec())
 }
 
-fn sample(logits: &Tensor, opts: &SampleOptions, rng: &mut Rng) -> Result<u32> {
+fn sample(logits: Vec<f32>, opts: &SampleOptions, rng: &mut Rng) -> Result<u32> {
     if opts.temperature <= 0.0 {
-        return logits.argmax(D::Minus1)?.to_scalar::<u32>();
+        // The first of equal maxima, as candle's argmax picks.
+        let best = logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+                if v > bv {
+                    (i, v)
+                } else {
+                    (bi, bv)
+                }
+            });
+        return Ok(best.0 as u32);
     }
-    let logits: Vec<f32> = logits.to_vec1()?;
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     if let Some(k) = opts.top_k.filter(|&k| k > 0 && k < logits.len()) {
         // Stable order (ties by index) keeps sampling deterministic.

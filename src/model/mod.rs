@@ -1,18 +1,18 @@
 //! A trainable llama-style decoder: RMSNorm, rotary embeddings (Hugging Face's half-split
 //! layout, so exports need no permutation), grouped-query attention and SwiGLU.
-//! Every op here has a backward pass in candle; parameter names follow llama2.c.
+//!
+//! `Llama` owns the parameters. Its composed candle forward (every op with a backward pass in
+//! candle) is the reference and the path of other devices and dtypes; f32 on the CPU goes
+//! through the hand-written passes in `cpu/` for training, evaluation and sampling alike.
+//! Parameter names follow llama2.c.
 
-pub mod attention;
 mod config;
-mod cpu_step;
-pub mod cross_entropy;
+pub mod cpu;
 pub mod generate;
-mod kernels;
-pub mod matmul;
 
 pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +24,9 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// Use the fused CPU ops (attention, cross-entropy); the composed path is the reference.
-    pub fused_ops: bool,
+    /// Take the hand-written CPU passes where they apply (f32 on the CPU); off, everything goes
+    /// through the composed reference (`WICK_ATTENTION=composed`, and tests).
+    pub use_cpu_step: bool,
     /// Dtype of matrix products and attention. bf16 = mixed precision: parameters stay in
     /// their own dtype (the master weights) and are cast at each use, so gradients and AdamW
     /// stay f32; the residual stream, norms, softmax and the loss are computed in f32.
@@ -83,7 +84,7 @@ impl Llama {
             track_grad: AtomicBool::new(true),
             compute_dtype: dtype,
             // WICK_ATTENTION=composed selects the reference ops (for benchmarks and debugging).
-            fused_ops: std::env::var("WICK_ATTENTION")
+            use_cpu_step: std::env::var("WICK_ATTENTION")
                 .map(|v| v != "composed")
                 .unwrap_or(true),
         })
@@ -182,9 +183,9 @@ impl Llama {
         Ok(())
     }
 
-    /// Whether training steps take the hand-written CPU path (f32 on the CPU, fused ops on).
+    /// Whether passes take the hand-written CPU path (f32 on the CPU, not switched off).
     pub fn has_cpu_step(&self) -> bool {
-        self.fused_ops
+        self.use_cpu_step
             && self.device.is_cpu()
             && self.compute_dtype == DType::F32
             && self.master_dtype() == DType::F32
@@ -197,8 +198,37 @@ impl Llama {
         tokens: &[u32],
         batch: usize,
         width: usize,
-    ) -> Result<cpu_step::StepResult> {
-        cpu_step::loss_and_grads(self, tokens, batch, width)
+    ) -> Result<cpu::step::StepResult> {
+        cpu::step::loss_and_grads(self, tokens, batch, width)
+    }
+
+    /// Mean next-token loss of windows (batch rows of `width` tokens), building no graph.
+    pub fn eval_loss(&self, tokens: &[u32], batch: usize, width: usize) -> Result<f64> {
+        if self.has_cpu_step() {
+            return cpu::step::eval_loss(self, tokens, batch, width);
+        }
+        self.no_grad(|| {
+            let input = Tensor::from_slice(tokens, (batch, width), &self.device)?;
+            self.loss(&input)?.to_dtype(DType::F64)?.to_scalar::<f64>()
+        })
+    }
+
+    /// Logits (rows, vocab) of the last `rows` positions of one sequence, building no graph.
+    pub fn logits(&self, tokens: &[u32], rows: usize) -> Result<Vec<f32>> {
+        if self.has_cpu_step() {
+            return cpu::step::logits(self, tokens, rows);
+        }
+        self.no_grad(|| {
+            let t = tokens.len();
+            let rows = rows.min(t);
+            let x = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+            self.forward(&x)?
+                .squeeze(0)?
+                .narrow(0, t - rows, rows)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        })
     }
 
     /// tokens: (batch, time) u32 → logits (batch, time, vocab).
@@ -285,23 +315,13 @@ impl Llama {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let y = if self.fused_ops && q.device().is_cpu() && q.dtype() == DType::F32 {
-            q.apply_op3(
-                &k,
-                &v,
-                attention::CausalAttention {
-                    scale: scale as f32,
-                },
-            )?
-        } else {
-            // Masked softmax in the master dtype whatever the compute dtype: bf16 loses too
-            // much in exp and the row sums.
-            let scores = (q.matmul(&k.t()?)? * scale)?
-                .to_dtype(self.master_dtype())?
-                .broadcast_add(mask)?;
-            let probs = softmax_last(&scores)?;
-            probs.to_dtype(v.dtype())?.matmul(&v)?
-        }; // (b, h, t, hd)
+        // Masked softmax in the master dtype whatever the compute dtype: bf16 loses too much
+        // in exp and the row sums.
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .to_dtype(self.master_dtype())?
+            .broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?;
+        let y = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, c.dim))?;
         self.linear(&y, &format!("{p}.attention.wo.weight"))
     }
@@ -319,14 +339,7 @@ impl Llama {
         let input = windows.narrow(1, 0, n - 1)?;
         let target = windows.narrow(1, 1, n - 1)?;
         let logits = self.forward(&input)?.reshape(((), self.config.vocab))?;
-        let target = target.flatten_all()?;
-        if self.fused_ops && logits.device().is_cpu() && logits.dtype() == DType::F32 {
-            logits
-                .contiguous()?
-                .apply_op2(&target.contiguous()?, cross_entropy::CrossEntropy)
-        } else {
-            candle_nn::loss::cross_entropy(&logits, &target)
-        }
+        candle_nn::loss::cross_entropy(&logits, &target.flatten_all()?)
     }
 }
 
@@ -492,84 +505,34 @@ mod tests {
         assert!(checked > 30);
     }
 
+    /// Evaluation and logits on the CPU go through the hand-written forward: they match the
+    /// composed reference, and evaluation gives exactly the training step's loss (one set of
+    /// kernels, one `exp`).
     #[test]
-    fn fused_ops_matches_the_composed_reference() {
-        let w = Tensor::from_vec(batch(11, 3, 9, 4), (3, 9), &Device::Cpu).unwrap();
-        let run = |fused: bool| {
-            let mut m = Llama::new(small(), 9, &Device::Cpu).unwrap();
-            m.fused_ops = fused;
-            let loss = m.loss(&w).unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<(String, Vec<f32>)> = m
-                .params()
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.clone(),
-                        grads
-                            .get(v.as_tensor())
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1()
-                            .unwrap(),
-                    )
-                })
-                .collect();
-            (loss.to_scalar::<f32>().unwrap(), g)
-        };
-        let (l1, g1) = run(true);
-        let (l2, g2) = run(false);
-        assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
-        for ((name, a), (_, b)) in g1.iter().zip(&g2) {
-            for (x, y) in a.iter().zip(b) {
-                assert!(
-                    (x - y).abs() <= 1e-5 + 1e-3 * y.abs(),
-                    "{name}: fused {x} vs reference {y}"
-                );
+    fn forward_only_passes_match_the_composed_reference_and_the_step() {
+        for tie in [false, true] {
+            let mut c = small();
+            c.tie_embeddings = tie;
+            let tokens = batch(11, 3, 9, 4);
+            let mut m = Llama::new(c, 9, &Device::Cpu).unwrap();
+            assert!(m.has_cpu_step());
+            let fast_eval = m.eval_loss(&tokens, 3, 9).unwrap();
+            let step = m.cpu_loss_and_grads(&tokens, 3, 9).unwrap();
+            assert_eq!(fast_eval.to_bits(), step.loss.to_bits(), "eval vs step");
+            let fast_logits = m.logits(&tokens[..8], 8).unwrap();
+            let fast_last = m.logits(&tokens[..8], 1).unwrap();
+            assert_eq!(&fast_logits[7 * 11..], &fast_last[..], "last row alone");
+            m.use_cpu_step = false;
+            let ref_eval = m.eval_loss(&tokens, 3, 9).unwrap();
+            let ref_logits = m.logits(&tokens[..8], 8).unwrap();
+            assert!(
+                (fast_eval - ref_eval).abs() < 1e-5 * ref_eval,
+                "eval {fast_eval} vs reference {ref_eval}"
+            );
+            assert_eq!(fast_logits.len(), ref_logits.len());
+            for (x, y) in fast_logits.iter().zip(&ref_logits) {
+                assert!((x - y).abs() <= 1e-5 + 1e-4 * y.abs(), "logit {x} vs {y}");
             }
-        }
-    }
-
-    #[test]
-    fn fused_cross_entropy_matches_candle_nn() {
-        let dev = Device::Cpu;
-        let mut rng = crate::rng::Rng::new(4);
-        let x: Vec<f32> = (0..6 * 11).map(|_| (rng.normal() * 3.0) as f32).collect();
-        let logits = Var::from_tensor(&Tensor::from_vec(x, (6, 11), &dev).unwrap()).unwrap();
-        let targets = Tensor::new(&[0u32, 3, 10, 5, 5, 1], &dev).unwrap();
-        let fused = logits
-            .as_tensor()
-            .apply_op2(&targets, cross_entropy::CrossEntropy)
-            .unwrap();
-        let reference = candle_nn::loss::cross_entropy(logits.as_tensor(), &targets).unwrap();
-        let (a, b) = (
-            fused.to_scalar::<f32>().unwrap(),
-            reference.to_scalar::<f32>().unwrap(),
-        );
-        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        let ga: Vec<f32> = (fused * 2.0)
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(logits.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let gb: Vec<f32> = (reference * 2.0)
-            .unwrap()
-            .backward()
-            .unwrap()
-            .get(logits.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for (x, y) in ga.iter().zip(&gb) {
-            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
         }
     }
 

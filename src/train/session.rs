@@ -169,14 +169,9 @@ impl Session {
         Ok(loss_value)
     }
 
-    /// Mean loss over `batches` with no graph built and no state changed.
+    /// Mean loss of `windows` with no graph built and no state changed.
     pub fn eval_loss(&self, windows: &Windows) -> candle_core::Result<f64> {
-        self.model.no_grad(|| {
-            let input = windows.to_tensor(&self.model)?;
-            self.model
-                .loss(&input)?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()
-        })
+        self.model
+            .eval_loss(&windows.tokens, windows.batch, windows.width)
     }
 }

@@ -4,8 +4,9 @@
 
 use super::checkpointing::{self, SaveResult};
 use super::context::SharedContext;
-use super::lua::is_interrupt;
-use super::{exit, signals, Diverged, Refused};
+use crate::error::{exit, Kind};
+use crate::host::lua::is_interrupt;
+use crate::host::signals;
 use mlua::{Lua, LuaSerdeExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -74,13 +75,11 @@ pub fn classify_error(e: &mlua::Error) -> Ending {
     if is_interrupt(e) || signals::stop_requested() {
         return Ending::Stopped(signals::received().unwrap_or(libc::SIGINT));
     }
-    if let Some(r) = e.chain().find_map(|c| c.downcast_ref::<Refused>()) {
-        return Ending::Refused(r.0.clone());
+    match crate::error::find_in(e) {
+        Some(h) if h.kind == Kind::Usage => Ending::Refused(h.message.clone()),
+        Some(h) if h.kind == Kind::Diverged => Ending::Diverged(h.message.clone()),
+        _ => Ending::Failed(clean_message(e)),
     }
-    if let Some(d) = e.chain().find_map(|c| c.downcast_ref::<Diverged>()) {
-        return Ending::Diverged(d.0.clone());
-    }
-    Ending::Failed(clean_message(e))
 }
 
 /// The user-facing text of a Lua error: the message and its Lua traceback, without mlua's
@@ -139,7 +138,7 @@ pub fn read_state(lua: &Lua) -> serde_json::Value {
         Ok(v) => match lua.from_value::<serde_json::Value>(v) {
             Ok(j) => j,
             Err(e) => {
-                crate::progress::warn(&format!(
+                crate::host::progress::warn(&format!(
                     "wick.state is not plain data (numbers, strings, booleans, tables) and was not saved: {e}"
                 ));
                 serde_json::Value::Null
@@ -150,7 +149,7 @@ pub fn read_state(lua: &Lua) -> serde_json::Value {
 
 /// Report the ending, write the final checkpoint, and return the process exit code.
 pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
-    crate::progress::finish();
+    crate::host::progress::finish();
     match ending {
         Ending::Completed | Ending::ReplExit => {}
         Ending::Failed(msg) => eprintln!("error: {msg}"),

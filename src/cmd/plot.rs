@@ -5,7 +5,13 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 use std::path::Path;
 
-const FONT: &[u8] = include_bytes!("../data/fonts/DejaVuSans.ttf");
+const FONT: &[u8] = include_bytes!("../../data/fonts/DejaVuSans.ttf");
+
+pub fn run(metrics: &Path, out: &Path) -> crate::Result<i32> {
+    let msg = plot(metrics, out)?;
+    crate::host::progress::warn(&msg);
+    Ok(crate::error::exit::OK)
+}
 
 /// A named curve of (step, value) points.
 type Series = (String, Vec<(f64, f64)>);

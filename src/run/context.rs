@@ -5,11 +5,11 @@
 use crate::ckpt::Checkpoint;
 use crate::data::Loader;
 use crate::device::Compute;
+
 use crate::train::Session;
 use std::fs::File;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Clone)]
 pub struct RunOptions {
@@ -103,30 +103,19 @@ impl RunContext {
         }
     }
 
-    /// Append one JSON object to `<ckpt-dir>/metrics.jsonl`. A fresh run moves an earlier
-    /// run's file to metrics.prev.jsonl; a resumed run appends.
-    pub fn write_metrics(&mut self, row: &serde_json::Value) -> Result<(), String> {
-        if self.metrics.is_none() {
-            let dir = self.ckpt_dir();
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let path = dir.join("metrics.jsonl");
-            if self.resume.is_none() && path.exists() {
-                let _ = std::fs::rename(&path, dir.join("metrics.prev.jsonl"));
-            }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            self.metrics = Some(f);
-        }
-        if let Some(f) = self.metrics.as_mut() {
-            let line = serde_json::to_string(row).map_err(|e| e.to_string())?;
-            writeln!(f, "{line}").map_err(|e| format!("cannot write metrics.jsonl: {e}"))?;
-        }
-        Ok(())
+    /// Bad rows the loaders have skipped so far.
+    pub fn bad_rows(&self) -> u64 {
+        self.loaders
+            .iter()
+            .filter_map(|(_, l)| l.lock().ok().map(|l| l.stats_snapshot().bad_rows))
+            .sum()
     }
+}
+
+/// The context, even after a panic elsewhere poisoned its lock: the guard must still be able to
+/// save, and every field stays consistent between host calls.
+pub fn lock(ctx: &SharedContext) -> MutexGuard<'_, RunContext> {
+    ctx.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn new_run_id() -> String {

@@ -105,3 +105,12 @@ pub fn finish() {
         bar.abandon();
     }
 }
+
+/// The one place an error line is printed: `error: MESSAGE`, above the bar if one is drawn.
+pub fn error(msg: &str) {
+    let guard = lock();
+    match guard.as_ref().and_then(|s| s.bar.as_ref()) {
+        Some(bar) => bar.println(format!("error: {msg}")),
+        None => eprintln!("error: {msg}"),
+    }
+}

@@ -2,15 +2,117 @@
 //! tokens for the reference configs of shared/bench (one JSON line per config); `ckpt` measures
 //! the checkpoint write against a plain sequential write + fsync of the same bytes.
 
+use super::at_least_one;
 use crate::ckpt::{self, CkptMeta};
+use crate::error::{exit, Result as WickResult};
 use crate::model::{Llama, ModelConfig};
-use crate::rng::Rng;
 use crate::train::{AdamW, AdamWConfig, Session, Windows};
+use crate::util::rng::Rng;
 use candle_core::{Device, Tensor};
+use clap::Subcommand;
 use std::io::Write;
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput on synthetic tokens (configs of shared/bench: tiny, small-bytes,
+    /// small; and 124m, a GPT-2-small-sized llama for GPUs).
+    Train {
+        /// Configs to run, comma-separated.
+        #[arg(long, default_value = "tiny,small-bytes,small")]
+        configs: String,
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+        batch: usize,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Data path speed (read, decompress, parse, tokenize, pack) against raw decompression.
+    Data {
+        /// Files or directories.
+        #[arg(default_value = "data/sample/train")]
+        sources: Vec<String>,
+        /// Also measure this tokenizer.json (BPE).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+    /// GFLOP/s of the CPU step's matrix products on the small configs' shapes (2048 token
+    /// rows; dim 288, hidden 768, vocab 256), beside `shared/bench/peak_gemm.py --model-shapes`.
+    Gemm {
+        #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
+        rows: usize,
+        #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+        reps: usize,
+    },
+    /// Checkpoint write speed against a plain write + fsync of the same bytes.
+    Ckpt {
+        #[arg(long, default_value = "checkpoints")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+        mb: usize,
+        #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+        reps: usize,
+    },
+}
+
+pub fn run(what: BenchCommand) -> WickResult<i32> {
+    let results: Vec<Result<serde_json::Value, String>> = match what {
+        BenchCommand::Train {
+            configs,
+            steps,
+            warmup,
+            batch,
+            device,
+            dtype,
+        } => {
+            let o = TrainBench {
+                steps,
+                warmup,
+                batch,
+                device,
+                dtype,
+            };
+            let list: Vec<&str> = configs.split(',').map(str::trim).collect();
+            if list.len() == 1 {
+                vec![train(list[0], &o)]
+            } else {
+                // One process per config: peak RSS is per process.
+                list.iter().map(|c| train_in_child(c, &o)).collect()
+            }
+        }
+        BenchCommand::Gemm { rows, reps } => gemm(
+            rows,
+            &[(288, 288), (288, 768), (768, 288), (288, 256)],
+            reps,
+        )
+        .into_iter()
+        .map(Ok)
+        .collect(),
+        BenchCommand::Ckpt { dir, mb, reps } => vec![ckpt(&dir, mb, reps)],
+        BenchCommand::Data { sources, tokenizer } => vec![data(&sources, tokenizer.as_deref())],
+    };
+    let mut code = exit::OK;
+    for r in results {
+        match r {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                crate::host::progress::error(&e);
+                code = exit::USAGE;
+            }
+        }
+    }
+    Ok(code)
+}
 
 /// The three configs of shared/bench/README.md (kv heads = heads, untied head, batch 8),
 /// and a GPT-2-small-sized llama for GPUs.
@@ -332,7 +434,7 @@ pub fn train_in_child(name: &str, o: &TrainBench) -> Result<serde_json::Value, S
 /// layouts it uses: forward `x·wᵀ`, input gradient `dy·w`, weight gradient `dyᵀ·x`.
 /// Compare with `shared/bench/peak_gemm.py --model-shapes` (PyTorch/MKL on the same shapes).
 pub fn gemm(rows: usize, shapes: &[(usize, usize)], reps: usize) -> Vec<serde_json::Value> {
-    use crate::model::matmul::matmul_new;
+    use crate::model::cpu::matmul::matmul_new;
     let mut out = Vec::new();
     for &(inp, out_dim) in shapes {
         let fill = |len: usize, seed: u32| -> Vec<f32> {

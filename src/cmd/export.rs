@@ -7,6 +7,11 @@ use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
+pub fn run(ckpt: &Path, out: &Path) -> crate::Result<i32> {
+    export_hf(ckpt, out)?;
+    Ok(crate::error::exit::OK)
+}
+
 /// wick parameter name → Hugging Face Llama name.
 pub fn hf_name(name: &str) -> Option<String> {
     let direct = match name {

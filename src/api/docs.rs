@@ -1,7 +1,7 @@
 //! API documentation from `stdlib/wick.d.lua`, the same file that gives editors their LuaLS
 //! completion: the REPL's `:help` and its completion of object methods read it here.
 
-pub const ANNOTATIONS: &str = include_str!("../stdlib/wick.d.lua");
+pub const ANNOTATIONS: &str = include_str!("../../stdlib/wick.d.lua");
 
 pub struct Entry {
     /// `wick.model`, `Model:generate`, `wick.Session.lr`, `wick.Session`

@@ -1,0 +1,82 @@
+//! `wick inspect CKPT [--json]`: a checkpoint's step, reason, loss, model and data cursors,
+//! after verifying its checksum.
+
+use crate::ckpt;
+use crate::error::{exit, Error, Result};
+use std::path::Path;
+
+pub fn inspect(path: &Path, json: bool) -> Result<i32> {
+    let c = ckpt::load(path).map_err(Error::failed)?;
+    if json {
+        let mut v = serde_json::to_value(&c.meta).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("file_size".into(), c.file_size.into());
+            o.insert("checksum_ok".into(), true.into());
+            o.insert("params".into(), c.meta.model.param_count().into());
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(exit::OK);
+    }
+    let m = &c.meta;
+    let mc = &m.model;
+    println!("checkpoint   {}", path.display());
+    println!(
+        "file size    {}",
+        crate::run::checkpointing::human_bytes(c.file_size)
+    );
+    println!("checksum     {} (OK)", m.checksum);
+    println!("step         {} (reason {})", m.step, m.reason);
+    println!("saved        {}", ckpt::meta::format_unix(m.saved_unix));
+    println!("tokens seen  {}", m.tokens_seen);
+    println!(
+        "loss         {}",
+        m.loss
+            .map(|l| format!("{l:.4}"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("lr           {:.3e}", m.lr);
+    println!(
+        "model        dim {} layers {} heads {} kv_heads {} hidden {} vocab {} seq_len {} tied {}",
+        mc.dim,
+        mc.n_layers,
+        mc.n_heads,
+        mc.n_kv_heads,
+        mc.hidden_dim,
+        mc.vocab,
+        mc.seq_len,
+        mc.tie_embeddings
+    );
+    println!("parameters   {}", mc.param_count());
+    println!(
+        "optimizer    adamw lr {:.3e} betas ({}, {}) wd {} clip {:?}, {} updates",
+        m.optim.lr, m.optim.beta1, m.optim.beta2, m.optim.weight_decay, m.optim.clip, m.optim_step
+    );
+    println!(
+        "seed         {}   run {}   device {}   dtype {} (weights stored f32)",
+        m.seed, m.run_id, m.device, m.dtype
+    );
+    if let Some(r) = &m.recipe {
+        println!("recipe       {r}");
+    }
+    for (name, l) in &m.loaders {
+        let pos: Vec<String> = l
+            .cursor
+            .streams
+            .iter()
+            .zip(&l.sources)
+            .map(|(s, (src, files))| {
+                let file = files.get(s.file).map(|f| f.path.as_str()).unwrap_or("-");
+                format!(
+                    "{src}: epoch {} file {} line {} token {}",
+                    s.epoch, file, s.line, s.token
+                )
+            })
+            .collect();
+        println!(
+            "data         {name} ({} batches): {}",
+            l.cursor.batches,
+            pos.join("; ")
+        );
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,257 @@
+//! The command line: what each subcommand takes (clap) and where it goes. One file per
+//! subcommand in this folder; each returns its exit code or an error that `main` prints.
+
+pub mod bench;
+pub mod data;
+pub mod export;
+pub mod inspect;
+pub mod plot;
+pub mod repl;
+pub mod run;
+pub mod test;
+pub mod tokenizer;
+
+use crate::error::Result;
+use crate::setup::RunSpec;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "wick",
+    version,
+    about = "Train language models from Lua recipes; the final checkpoint is guaranteed"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct RunArgs {
+    /// Directory for the checkpoint (full_model.ckpt) and metrics.jsonl.
+    #[arg(long, default_value = "checkpoints")]
+    pub ckpt_dir: PathBuf,
+    /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, or bf16 (bf16 matrix products with f32 master weights and AdamW
+    /// moments; for GPUs: the CPU supports it, slowly, by widening to f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Seed for initialisation, data order and sampling.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Also save every N steps (off by default: no I/O in the training loop).
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a recipe: wick run RECIPE.lua [-- ARGS...]
+    Run {
+        recipe: PathBuf,
+        #[command(flatten)]
+        common: RunArgs,
+        /// Continue from a checkpoint (default: the one in --ckpt-dir).
+        #[arg(long, value_name = "CKPT", num_args = 0..=1, default_missing_value = "")]
+        resume: Option<String>,
+        /// Refuse to resume when the recipe file changed since the checkpoint.
+        #[arg(long)]
+        strict: bool,
+        /// Arguments for the recipe (wick.args and Lua's arg).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// An interactive Lua prompt on the wick API (reads statements from stdin when piped).
+    Repl {
+        #[command(flatten)]
+        common: RunArgs,
+        /// Start from a checkpoint: `model` and `session` are ready.
+        #[arg(long, value_name = "CKPT")]
+        resume: Option<PathBuf>,
+    },
+    /// Run regression cases: *_test.lua files with test("name", fn) cases.
+    Test {
+        /// Test files or directories (default tests/regress).
+        paths: Vec<PathBuf>,
+        /// Only cases whose "file::name" contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Cases run at once (default: the number of cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Seconds a case may run before it is stopped and failed.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Write or update golden files instead of comparing with them.
+        #[arg(long)]
+        bless: bool,
+        /// Also write a JUnit XML report.
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+        /// Compute device for every case: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Compute dtype for every case: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// (internal) run one test case; used by `wick test`.
+    #[command(hide = true)]
+    TestCase {
+        file: PathBuf,
+        #[arg(long)]
+        case: String,
+        #[arg(long)]
+        ckpt_dir: PathBuf,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        bless: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        result: PathBuf,
+    },
+    /// Summarise a checkpoint (and verify its checksum).
+    Inspect {
+        ckpt: PathBuf,
+        /// Print the metadata as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Plot train/validation loss and lr from a metrics.jsonl.
+    Plot {
+        metrics: PathBuf,
+        #[arg(short, long, default_value = "loss.png")]
+        out: PathBuf,
+    },
+    /// Data tools.
+    Data {
+        #[command(subcommand)]
+        what: data::DataCommand,
+    },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        what: tokenizer::TokenizerCommand,
+    },
+    /// Benchmarks that print numbers (one JSON line each).
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Export a checkpoint's model for other tools.
+    Export {
+        ckpt: PathBuf,
+        /// Write a Hugging Face Llama directory (config.json + model.safetensors).
+        #[arg(long, value_name = "DIR")]
+        hf: PathBuf,
+    },
+}
+
+impl RunArgs {
+    /// The run these options describe (recipe, resume and arguments are the caller's).
+    pub fn spec(&self) -> RunSpec {
+        RunSpec {
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            seed: self.seed,
+            save_every: self.save_every,
+            ..RunSpec::new(&self.ckpt_dir)
+        }
+    }
+}
+
+/// Counts that must be positive (steps, batch, rows, repetitions): clap names the option.
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Run one parsed command line.
+pub fn dispatch(command: Command) -> Result<i32> {
+    match command {
+        Command::Run {
+            recipe,
+            common,
+            resume,
+            strict,
+            args,
+        } => {
+            let spec = RunSpec {
+                resume: run::resume_arg(resume),
+                strict,
+                args,
+                ..common.spec()
+            };
+            run::run(&recipe, spec)
+        }
+        Command::Inspect { ckpt, json } => inspect::inspect(&ckpt, json),
+        Command::Repl { common, resume } => repl::run(common.spec(), resume),
+        Command::Test {
+            paths,
+            filter,
+            jobs,
+            timeout,
+            seed,
+            bless,
+            junit,
+            device,
+            dtype,
+        } => test::run(test::TestArgs {
+            paths: if paths.is_empty() {
+                vec![PathBuf::from("tests/regress")]
+            } else {
+                paths
+            },
+            filter,
+            jobs: jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            }),
+            timeout,
+            seed,
+            bless,
+            junit,
+            device,
+            dtype,
+        }),
+        Command::TestCase {
+            file,
+            case,
+            ckpt_dir,
+            seed,
+            bless,
+            device,
+            dtype,
+            result,
+        } => test::case::run_case(
+            &file,
+            &case,
+            test::case::CaseRun {
+                ckpt_dir,
+                seed,
+                bless,
+                device,
+                dtype,
+            },
+            &result,
+        ),
+        Command::Plot { metrics, out } => plot::run(&metrics, &out),
+        Command::Data { what } => data::run(what),
+        Command::Tokenizer { what } => tokenizer::run(what),
+        Command::Bench { what } => bench::run(what),
+        Command::Export { ckpt, hf } => export::run(&ckpt, &hf),
+    }
+}

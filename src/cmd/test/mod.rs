@@ -1,0 +1,158 @@
+//! `wick test`: scripted regression runs. Finds `*_test.lua` files, lists their
+//! `test("name", fn)` cases, and runs each case in its own process (a fresh Lua state and
+//! session, its own checkpoint directory, a fixed seed), up to `--jobs` at a time. Each case goes
+//! through the same setup and guard as `wick run`, so a failed case leaves its checkpoint for
+//! inspection.
+
+pub mod case;
+mod report;
+mod schedule;
+
+use crate::error::{exit, Error, Result};
+use crate::host::signals;
+use std::path::{Path, PathBuf};
+
+pub struct TestArgs {
+    pub paths: Vec<PathBuf>,
+    pub filter: Option<String>,
+    pub jobs: usize,
+    pub timeout: f64,
+    pub seed: u64,
+    pub bless: bool,
+    pub junit: Option<PathBuf>,
+    pub device: String,
+    pub dtype: String,
+}
+
+pub struct Case {
+    pub file: PathBuf,
+    pub name: String,
+    pub skip: Option<String>,
+}
+
+pub struct Outcome {
+    pub case: usize,
+    pub passed: bool,
+    pub skipped: bool,
+    pub seconds: f64,
+    pub reason: String,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl Outcome {
+    fn failed(case: usize, reason: String) -> Outcome {
+        Outcome {
+            case,
+            passed: false,
+            skipped: false,
+            seconds: 0.0,
+            reason,
+            checkpoint: None,
+        }
+    }
+}
+
+fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with("_test.lua"))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut files)
+                .map_err(|e| Error::usage(format!("cannot list {}: {e}", p.display())))?;
+        } else if p.is_file() {
+            files.push(p.clone());
+        } else {
+            return Err(Error::usage(format!(
+                "no such test file or directory: {}",
+                p.display()
+            )));
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::usage(format!(
+            "no *_test.lua files under {}",
+            shown.join(", ")
+        )));
+    }
+    Ok(files)
+}
+
+pub fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// The cases of every file that pass the filter; a file that does not load is one failing case.
+fn collect_cases(files: &[PathBuf], filter: Option<&str>) -> (Vec<Case>, Vec<Outcome>) {
+    let mut cases: Vec<Case> = Vec::new();
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for file in files {
+        match case::list_cases(file) {
+            Ok(list) => {
+                for (name, skip) in list {
+                    let full = format!("{}::{name}", file.display());
+                    if filter.is_some_and(|f| !full.contains(f)) {
+                        continue;
+                    }
+                    cases.push(Case {
+                        file: file.clone(),
+                        name,
+                        skip,
+                    });
+                }
+            }
+            Err(e) => {
+                cases.push(Case {
+                    file: file.clone(),
+                    name: "(file)".into(),
+                    skip: None,
+                });
+                let reason = first_line(&e.message);
+                println!("FAIL {}::(file) (0.00 s): {reason}", file.display());
+                outcomes.push(Outcome::failed(cases.len() - 1, reason));
+            }
+        }
+    }
+    (cases, outcomes)
+}
+
+pub fn run(args: TestArgs) -> Result<i32> {
+    crate::device::open(&args.device, &args.dtype).map_err(Error::usage)?;
+    let files = discover(&args.paths)?;
+    signals::install()?;
+    signals::set_repl_mode(true); // a Ctrl+C stops the run cleanly; no save messages here
+    let (cases, mut outcomes) = collect_cases(&files, args.filter.as_deref());
+    let ran = schedule::run_all(&cases, &mut outcomes, &args);
+    let counts = report::summary(&cases, &outcomes, &ran);
+    if let Some(path) = &args.junit {
+        report::write_junit(path, &cases, &outcomes)?;
+    }
+    if ran.interrupted {
+        return Ok(signals::exit_code(
+            signals::received().unwrap_or(libc::SIGINT),
+        ));
+    }
+    Ok(if counts.failed > 0 {
+        exit::ERROR
+    } else {
+        exit::OK
+    })
+}

@@ -1,0 +1,171 @@
+//! One run setup for every entry point (`wick run`, `wick repl`, a `wick test` case, and any
+//! future one: a distributed launcher, an embedding API): open the device, install the signal
+//! handlers, sweep temp files a killed save left, name the checkpoint path, load and check the
+//! checkpoint to resume, and build the Lua state with the `wick` API wired to the run.
+
+use crate::ckpt::{self, Checkpoint};
+use crate::error::{Error, Result};
+use crate::host::{lua, progress, signals};
+use crate::run::checkpointing::announce_existing;
+use crate::run::{RunContext, RunOptions, SharedContext};
+use mlua::Lua;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The checkpoint file inside a checkpoint directory.
+pub const CKPT_FILE: &str = "full_model.ckpt";
+
+pub fn ckpt_path(ckpt_dir: &Path) -> PathBuf {
+    ckpt_dir.join(CKPT_FILE)
+}
+
+/// Where to resume from.
+#[derive(Clone, Debug, Default)]
+pub enum Resume {
+    #[default]
+    No,
+    /// The checkpoint in the run's `--ckpt-dir`.
+    Default,
+    Path(PathBuf),
+}
+
+/// What an entry point asks for.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub ckpt_dir: PathBuf,
+    pub device: String,
+    pub dtype: String,
+    pub seed: u64,
+    pub save_every: Option<u64>,
+    /// The recipe (or test file) and its source: its directory is on the module path and its
+    /// hash is compared on resume.
+    pub recipe: Option<(PathBuf, String)>,
+    pub resume: Resume,
+    /// Refuse to resume when the recipe changed.
+    pub strict: bool,
+    pub args: Vec<String>,
+    /// No progress lines and no start-up notes (test cases).
+    pub quiet: bool,
+    pub golden_dir: Option<PathBuf>,
+    pub bless: bool,
+}
+
+impl RunSpec {
+    pub fn new(ckpt_dir: impl Into<PathBuf>) -> RunSpec {
+        RunSpec {
+            ckpt_dir: ckpt_dir.into(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            seed: 1337,
+            save_every: None,
+            recipe: None,
+            resume: Resume::No,
+            strict: false,
+            args: Vec::new(),
+            quiet: false,
+            golden_dir: None,
+            bless: false,
+        }
+    }
+}
+
+/// A run ready to execute Lua: the state and the context the guard checkpoints.
+pub struct Run {
+    pub lua: Lua,
+    pub ctx: SharedContext,
+    pub opts: RunOptions,
+}
+
+/// Read a recipe, allowing a `#!` line (kept as a comment so line numbers stay right).
+pub fn read_recipe(path: &Path) -> Result<String> {
+    let src = std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read recipe {}: {e}", path.display())))?;
+    Ok(if src.starts_with("#!") {
+        format!("--{src}")
+    } else {
+        src
+    })
+}
+
+fn recipe_hash(src: &str) -> String {
+    format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(src.as_bytes()))
+}
+
+/// Everything before the first line of Lua runs.
+pub fn open(spec: &RunSpec) -> Result<Run> {
+    let compute = crate::device::open(&spec.device, &spec.dtype).map_err(Error::usage)?;
+    signals::install()?;
+    let ckpt_path = ckpt_path(&spec.ckpt_dir);
+    for stale in ckpt::sweep_stale(&ckpt_path) {
+        if !spec.quiet {
+            progress::warn(&format!(
+                "removed a temp file left by an interrupted save: {}",
+                stale.display()
+            ));
+        }
+    }
+    let hash = spec.recipe.as_ref().map(|(_, src)| recipe_hash(src));
+    let resume = load_resume(spec, &ckpt_path, hash.as_deref())?;
+    if resume.is_none() && !spec.quiet {
+        if let Some(msg) = announce_existing(&ckpt_path) {
+            progress::warn(&msg);
+        }
+    }
+    let opts = RunOptions {
+        ckpt_path,
+        seed: spec.seed,
+        compute,
+        save_every: spec.save_every,
+        recipe: spec.recipe.as_ref().map(|(p, _)| p.clone()),
+        recipe_hash: hash,
+        args: spec.args.clone(),
+        quiet: spec.quiet,
+        golden_dir: spec.golden_dir.clone(),
+        bless: spec.bless,
+    };
+    let (lua, ctx) = new_state(&opts, resume)?;
+    Ok(Run { lua, ctx, opts })
+}
+
+fn load_resume(
+    spec: &RunSpec,
+    ckpt_path: &Path,
+    hash: Option<&str>,
+) -> Result<Option<Arc<Checkpoint>>> {
+    let path = match &spec.resume {
+        Resume::No => return Ok(None),
+        Resume::Default => ckpt_path.to_path_buf(),
+        Resume::Path(p) => p.clone(),
+    };
+    let c = ckpt::load(&path).map_err(|e| Error::usage(format!("cannot resume: {e}")))?;
+    if let (Some((recipe, _)), Some(hash)) = (&spec.recipe, hash) {
+        if let Some(warning) = crate::run::resume::check_recipe(&c.meta, recipe, hash, spec.strict)?
+        {
+            progress::warn(&format!("warning: {warning}"));
+        }
+    }
+    if !spec.quiet {
+        progress::warn(&format!(
+            "resuming from {} at step {} (reason {})",
+            path.display(),
+            c.meta.step,
+            c.meta.reason
+        ));
+    }
+    Ok(Some(Arc::new(c)))
+}
+
+/// A fresh Lua state and run context for `opts` (also the REPL's `:reset`).
+pub fn new_state(
+    opts: &RunOptions,
+    resume: Option<Arc<Checkpoint>>,
+) -> Result<(Lua, SharedContext)> {
+    let ctx: SharedContext = Arc::new(Mutex::new(RunContext::new(opts.clone(), resume)));
+    let recipe = opts.recipe.clone();
+    let lua = lua::new_state(recipe.as_deref(), |lua| {
+        lua.set_app_data(ctx.clone());
+        crate::api::install(lua)
+    })
+    .map_err(|e| Error::failed(format!("cannot start Lua: {e}")))?;
+    Ok((lua, ctx))
+}
