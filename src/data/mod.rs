@@ -2,6 +2,7 @@
 //! background loader that packs batches. Lua never sees per-token work.
 
 pub mod loader;
+pub mod record;
 pub mod shards;
 pub mod slimpajama;
 pub mod source;

@@ -1,13 +1,13 @@
 //! Pre-tokenized shards: `wick data prepare` tokenizes sources in parallel, one shard per input
 //! file: `shard_NNNNN.bin` (tokens, u16 where the vocab fits, else u32, little-endian) and
-//! `shard_NNNNN.idx` (16 bytes per document: start u64, length u32, subset u16, 0u16), plus
-//! `index.json`. Documents keep their subset so mixtures still work; the loader reads shards by
-//! mmap. The same inputs give the same bytes.
+//! `shard_NNNNN.idx` (16 bytes per document: start u64, length u32, subset id u16, 0u16), plus
+//! `index.json`. Documents keep their subset so mixtures still work: a subset id indexes the
+//! shard's own `subsets` table in the index (any dataset's names; shards written before that
+//! table existed use the index-wide one). The loader reads shards by mmap. The same inputs
+//! give the same bytes.
 
-use super::slimpajama::SUBSETS;
-use super::source::{
-    discover, is_data_file, FileEntry, Payload, Record, RecordReader, Records, SourceSpec,
-};
+use super::record::{Payload, Record, Records};
+use super::source::{discover, is_data_file, FileEntry, RecordReader, SourceSpec};
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use rayon::prelude::*;
@@ -26,6 +26,8 @@ pub struct ShardIndex {
     pub eod: u32,
     /// "u16" or "u32"
     pub dtype: String,
+    /// Every subset name in the shards (sorted). Shards of format 1 without their own table
+    /// used this list as their table.
     pub subsets: Vec<String>,
     pub shards: Vec<ShardInfo>,
 }
@@ -36,13 +38,32 @@ pub struct ShardInfo {
     pub source: String,
     pub docs: u64,
     pub tokens: u64,
+    /// Subset names of this shard's documents, in order of first appearance: a document's
+    /// subset id is a position in this list.
+    #[serde(default)]
+    pub subsets: Vec<String>,
 }
 
-fn subset_id(name: &str) -> u16 {
-    SUBSETS
-        .iter()
-        .position(|s| *s == name)
-        .unwrap_or(SUBSETS.len() - 1) as u16
+impl ShardIndex {
+    /// The subset table of the shard stored as `bin`.
+    pub fn subset_table(&self, bin: &str) -> &[String] {
+        match self.shards.iter().find(|s| s.bin == bin) {
+            Some(s) if !s.subsets.is_empty() => &s.subsets,
+            _ => &self.subsets,
+        }
+    }
+}
+
+/// The id of `name` in `table`, added at the end when new.
+fn subset_id(table: &mut Vec<String>, name: &str) -> Result<u16, String> {
+    let i = match table.iter().position(|s| s == name) {
+        Some(i) => i,
+        None => {
+            table.push(name.to_string());
+            table.len() - 1
+        }
+    };
+    u16::try_from(i).map_err(|_| "more than 65536 subsets in one shard".to_string())
 }
 
 /// The shard files of a prepared directory, in order, for a source spec.
@@ -90,13 +111,16 @@ pub fn prepare(tokenizer: &Tokenizer, out: &Path, sources: &[String]) -> Result<
         .map(|(i, f)| write_shard(tokenizer, &spec, f, out, i, wide, stats.clone()))
         .collect();
     let shards = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut subsets: Vec<String> = shards.iter().flat_map(|s| s.subsets.clone()).collect();
+    subsets.sort();
+    subsets.dedup();
     let index = ShardIndex {
         format: "wick-shards-1".into(),
         tokenizer: tokenizer.identity(),
         vocab: tokenizer.vocab_size(),
         eod: tokenizer.eod(),
         dtype: if wide { "u32" } else { "u16" }.into(),
-        subsets: SUBSETS.iter().map(|s| s.to_string()).collect(),
+        subsets,
         shards,
     };
     let text = serde_json::to_string_pretty(&index).map_err(|e| e.to_string())?;
@@ -134,6 +158,7 @@ fn write_shard(
     let mut reader = RecordReader::open(spec, file, 0, 0, stats)?;
     let (mut docs, mut start) = (0u64, 0u64);
     let mut doc: Vec<u32> = Vec::new();
+    let mut subsets: Vec<String> = Vec::new();
     let write_err = |e: std::io::Error| format!("cannot write shard {}: {e}", bin_path.display());
     while let Some(Record {
         payload,
@@ -145,7 +170,6 @@ fn write_shard(
         if let Payload::Text(text) = payload {
             tokenizer.encode_into(&text, &mut doc)?;
         }
-        let doc_subset = subset;
         if !end_of_doc {
             continue;
         }
@@ -161,7 +185,7 @@ fn write_shard(
         let mut rec = [0u8; DOC_BYTES];
         rec[..8].copy_from_slice(&start.to_le_bytes());
         rec[8..12].copy_from_slice(&(doc.len() as u32).to_le_bytes());
-        rec[12..14].copy_from_slice(&subset_id(&doc_subset).to_le_bytes());
+        rec[12..14].copy_from_slice(&subset_id(&mut subsets, &subset)?.to_le_bytes());
         idx.write_all(&rec).map_err(write_err)?;
         start += doc.len() as u64;
         docs += 1;
@@ -174,6 +198,7 @@ fn write_shard(
         source: file.path.clone(),
         docs,
         tokens: start,
+        subsets,
     })
 }
 
@@ -183,6 +208,8 @@ pub struct ShardReader {
     docs: Vec<u8>,
     wide: bool,
     next: u64,
+    /// The shard's subset names, by id.
+    subsets: Vec<String>,
     wanted: Option<Vec<u16>>,
     path: PathBuf,
     stats: Arc<Mutex<DataStats>>,
@@ -211,15 +238,22 @@ impl ShardReader {
                 path.with_extension("idx").display()
             ));
         }
-        let wanted = spec
-            .subsets
-            .as_ref()
-            .map(|list| list.iter().map(|s| subset_id(s)).collect());
+        let bin = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let subsets = index.subset_table(&bin).to_vec();
+        let wanted = spec.subsets.as_ref().map(|list| {
+            (0..subsets.len() as u16)
+                .filter(|&id| list.contains(&subsets[id as usize]))
+                .collect()
+        });
         Ok(ShardReader {
             tokens,
             docs,
             wide: index.dtype == "u32",
             next,
+            subsets,
             wanted,
             path,
             stats,
@@ -270,10 +304,11 @@ impl Records for ShardReader {
                 line: i as u64,
                 payload: Payload::Tokens(tokens),
                 end_of_doc: true,
-                subset: SUBSETS
+                subset: self
+                    .subsets
                     .get(subset as usize)
-                    .unwrap_or(&"unknown")
-                    .to_string(),
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into()),
             }));
         }
     }

@@ -3,6 +3,7 @@
 //! plain cursor (file, byte offset, line, tokens already taken) so a checkpoint can save it and a
 //! resume can continue from the same token.
 
+use super::record::{Payload, Record, Records};
 use super::DataStats;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -199,46 +200,6 @@ pub fn is_data_file(path: &Path) -> bool {
     ]
     .iter()
     .any(|ext| name.ends_with(ext))
-}
-
-pub struct Record {
-    pub offset: u64,
-    pub line: u64,
-    pub payload: Payload,
-    /// The record ends a document (every JSON row; the last block of a text file).
-    pub end_of_doc: bool,
-    /// SlimPajama subset of the row (`unknown` when it has none).
-    pub subset: String,
-}
-
-pub enum Payload {
-    Text(String),
-    /// Pre-tokenized (from shards), end-of-document token included.
-    Tokens(Vec<u32>),
-}
-
-/// Anything that yields records from a position: text/JSON files, or token shards.
-pub trait Records: Send {
-    fn next_record(&mut self) -> Result<Option<Record>, String>;
-}
-
-/// Open the reader that fits the file: token shards (`.bin`) or text/JSON files.
-pub fn open_records(
-    spec: &SourceSpec,
-    file: &FileEntry,
-    offset: u64,
-    line: u64,
-    stats: Arc<Mutex<DataStats>>,
-) -> Result<Box<dyn Records>, String> {
-    if file.path.ends_with(".bin") {
-        Ok(Box::new(super::shards::ShardReader::open(
-            spec, file, line, stats,
-        )?))
-    } else {
-        Ok(Box::new(RecordReader::open(
-            spec, file, offset, line, stats,
-        )?))
-    }
 }
 
 impl Records for RecordReader {

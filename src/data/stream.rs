@@ -3,8 +3,10 @@
 //! bit-identically.
 
 use super::source::{
-    open_records, FileEntry, OnBad, Payload, Records, SourceSpec, StreamCursor, FATAL,
+    FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL,
 };
+use super::record::{Payload, Records};
+use super::shards::ShardReader;
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use crate::util::rng::Rng;
@@ -196,3 +198,23 @@ pub fn pick_weighted(weights: &[f64], rng: &mut Rng) -> usize {
     }
     weights.len() - 1
 }
+
+/// Open the reader that fits the file: token shards (`.bin`) or text/JSON files.
+pub fn open_records(
+    spec: &SourceSpec,
+    file: &FileEntry,
+    offset: u64,
+    line: u64,
+    stats: Arc<Mutex<DataStats>>,
+) -> Result<Box<dyn Records>, String> {
+    if file.path.ends_with(".bin") {
+        Ok(Box::new(ShardReader::open(
+            spec, file, line, stats,
+        )?))
+    } else {
+        Ok(Box::new(RecordReader::open(
+            spec, file, offset, line, stats,
+        )?))
+    }
+}
+

@@ -30,7 +30,7 @@ pub fn train(
     'files: for f in &files {
         let mut r = RecordReader::open(&spec, f, 0, 0, stats.clone())?;
         while let Some(rec) = r.next_record()? {
-            let super::source::Payload::Text(text) = rec.payload else {
+            let super::record::Payload::Text(text) = rec.payload else {
                 continue;
             };
             bytes += text.len() as u64;
