@@ -298,3 +298,91 @@ pub fn peek(path: &Path) -> Option<CkptMeta> {
     f.read_exact(&mut buf[8..]).ok()?;
     read_meta(path, &buf).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> CkptMeta {
+        serde_json::from_value(serde_json::json!({
+            "format_version": meta::FORMAT_VERSION, "wick_version": "0", "reason": "completed",
+            "step": 7, "tokens_seen": 56, "loss": 1.5, "lr": 0.001,
+            "model": crate::model::ModelConfig::preset("tiny").unwrap(),
+            "optim": crate::train::AdamWConfig::default(), "optim_step": 7, "seed": 1,
+            "run_id": "r", "started_unix": 0.0, "saved_unix": 0.0, "device": "cpu",
+            "checksum": ""
+        }))
+        .unwrap()
+    }
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        let a = Tensor::from_vec((0..12).map(|x| x as f32).collect(), (3, 4), &Device::Cpu);
+        let b = Tensor::from_vec(vec![1.5f32, -2.0], 2, &Device::Cpu);
+        vec![
+            ("model.a".into(), a.unwrap()),
+            ("optim.m.a".into(), b.unwrap()),
+        ]
+    }
+
+    /// The file is plain safetensors: an 8-byte little-endian header length, an 8-aligned JSON
+    /// header with the tensors' offsets and the metadata under `__metadata__.wick`, then the
+    /// bytes, whose checksum the metadata records.
+    #[test]
+    fn header_is_safetensors_with_wick_metadata_and_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full_model.ckpt");
+        let mut m = meta();
+        let report = save(&path, &mut m, &tensors()).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(report.bytes, bytes.len() as u64);
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0, "header padded to 8 bytes");
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        assert_eq!(header["model.a"]["dtype"], "F32");
+        assert_eq!(header["model.a"]["shape"], serde_json::json!([3, 4]));
+        assert_eq!(
+            header["model.a"]["data_offsets"],
+            serde_json::json!([0, 48])
+        );
+        assert_eq!(
+            header["optim.m.a"]["data_offsets"],
+            serde_json::json!([48, 56])
+        );
+        let sum = format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes[8 + n..]));
+        assert_eq!(m.checksum, sum);
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.meta.step, 7);
+        assert_eq!(loaded.meta.checksum, sum);
+        let a: Vec<f32> = loaded.group("model.")["a"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, (0..12).map(|x| x as f32).collect::<Vec<_>>());
+        assert!(safetensors::SafeTensors::deserialize(&bytes).is_ok());
+        assert_eq!(peek(&path).unwrap().step, 7);
+        assert!(!temp_path(&path).exists(), "no temp file left");
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_truncated_file_is_named_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full_model.ckpt");
+        save(&path, &mut meta(), &tensors()).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        let e = load(&path).err().unwrap();
+        assert!(
+            e.contains("corrupt") && e.contains("full_model.ckpt"),
+            "{e}"
+        );
+        std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+        assert!(load(&path).is_err());
+        std::fs::write(&path, &good[..5]).unwrap();
+        let e = load(&path).err().unwrap();
+        assert!(e.contains("truncated"), "{e}");
+    }
+}

@@ -22,4 +22,3 @@ pub enum Payload {
 pub trait Records: Send {
     fn next_record(&mut self) -> Result<Option<Record>, String>;
 }
-

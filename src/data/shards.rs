@@ -313,3 +313,78 @@ impl Records for ShardReader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepare_dir(rows: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("in.jsonl");
+        let body: String = rows
+            .iter()
+            .map(|(t, s)| {
+                format!("{{\"text\":\"{t}\",\"meta\":{{\"redpajama_set_name\":\"{s}\"}}}}\n")
+            })
+            .collect();
+        std::fs::write(&src, body).unwrap();
+        let out = dir.path().join("shards");
+        prepare(
+            &Tokenizer::Bytes,
+            &out,
+            &[src.to_string_lossy().into_owned()],
+        )
+        .unwrap();
+        (dir, out)
+    }
+
+    fn read_all(out: &Path, subsets: Option<Vec<String>>) -> Vec<(String, usize)> {
+        let (_, files) = shard_files(out).unwrap();
+        let mut spec = SourceSpec::plain(files.clone());
+        spec.subsets = subsets;
+        let stats = Arc::new(Mutex::new(DataStats::default()));
+        let mut r = ShardReader::open(&spec, &files[0], 0, stats).unwrap();
+        let mut docs = Vec::new();
+        while let Some(rec) = r.next_record().unwrap() {
+            let Payload::Tokens(t) = rec.payload else {
+                panic!("shards hold tokens")
+            };
+            docs.push((rec.subset, t.len()));
+        }
+        docs
+    }
+
+    /// Any dataset's subset names survive a round trip through the shard index, and a subset
+    /// filter keeps exactly those documents.
+    #[test]
+    fn subset_names_are_the_shards_own_table() {
+        let (_d, out) = prepare_dir(&[("aa", "Poems"), ("bbb", "Code"), ("c", "Poems")]);
+        let index = read_index(&out).unwrap();
+        assert_eq!(index.shards[0].subsets, ["Poems", "Code"]);
+        assert_eq!(index.subsets, ["Code", "Poems"]);
+        let all = read_all(&out, None);
+        assert_eq!(
+            all,
+            [("Poems".into(), 3), ("Code".into(), 4), ("Poems".into(), 2)]
+        );
+        let poems = read_all(&out, Some(vec!["Poems".into()]));
+        assert_eq!(poems, [("Poems".into(), 3), ("Poems".into(), 2)]);
+        assert!(read_all(&out, Some(vec!["Nothing".into()])).is_empty());
+    }
+
+    /// Shards written before per-shard tables existed keep reading with the index-wide list.
+    #[test]
+    fn older_indexes_use_the_index_wide_table() {
+        let (_d, out) = prepare_dir(&[("aa", "Book"), ("bbb", "Github")]);
+        let mut index = read_index(&out).unwrap();
+        // The old layout: ids into a fixed list, no table per shard.
+        index.subsets = vec!["RedPajamaGithub".into(), "RedPajamaBook".into()];
+        index.shards[0].subsets.clear();
+        let mut json: serde_json::Value = serde_json::to_value(&index).unwrap();
+        json["shards"][0].as_object_mut().unwrap().remove("subsets");
+        std::fs::write(out.join("index.json"), json.to_string()).unwrap();
+        let all = read_all(&out, None);
+        assert_eq!(all[0].0, "RedPajamaGithub");
+        assert_eq!(all[1].0, "RedPajamaBook");
+    }
+}

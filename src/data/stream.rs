@@ -2,11 +2,9 @@
 //! Its cursor names the exact next token, so a copy built from a saved cursor continues
 //! bit-identically.
 
-use super::source::{
-    FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL,
-};
 use super::record::{Payload, Records};
 use super::shards::ShardReader;
+use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL};
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use crate::util::rng::Rng;
@@ -208,9 +206,7 @@ pub fn open_records(
     stats: Arc<Mutex<DataStats>>,
 ) -> Result<Box<dyn Records>, String> {
     if file.path.ends_with(".bin") {
-        Ok(Box::new(ShardReader::open(
-            spec, file, line, stats,
-        )?))
+        Ok(Box::new(ShardReader::open(spec, file, line, stats)?))
     } else {
         Ok(Box::new(RecordReader::open(
             spec, file, offset, line, stats,
@@ -218,3 +214,92 @@ pub fn open_records(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::source::{FileEntry, SourceSpec};
+
+    /// Two files of JSON rows; returns the spec and the byte-level tokens of the whole corpus
+    /// in order (each document followed by the end-of-document token).
+    fn corpus(dir: &std::path::Path) -> (Arc<SourceSpec>, Vec<u32>) {
+        let mut files = Vec::new();
+        let mut all = Vec::new();
+        let tok = Tokenizer::Bytes;
+        for (f, docs) in [
+            ("a.jsonl", ["alpha", "beta gamma"]),
+            ("b.jsonl", ["delta", "eps"]),
+        ] {
+            let p = dir.join(f);
+            let body: String = docs
+                .iter()
+                .map(|d| format!("{{\"text\":\"{d}\"}}\n"))
+                .collect();
+            std::fs::write(&p, &body).unwrap();
+            for d in docs {
+                tok.encode_into(d, &mut all).unwrap();
+                all.push(tok.eod());
+            }
+            files.push(FileEntry {
+                path: p.to_string_lossy().into_owned(),
+                size: body.len() as u64,
+            });
+        }
+        (Arc::new(SourceSpec::plain(files)), all)
+    }
+
+    fn stream(spec: &Arc<SourceSpec>, cursor: StreamCursor) -> TokenStream {
+        TokenStream::new(
+            spec.clone(),
+            Arc::new(Tokenizer::Bytes),
+            cursor,
+            Arc::new(Mutex::new(DataStats::default())),
+        )
+    }
+
+    /// Taking tokens in any chunking crosses records, files and epochs in corpus order, and a
+    /// stream reopened from a saved cursor continues with exactly the next token.
+    #[test]
+    fn cursor_continues_at_the_next_token_across_records_files_and_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spec, all) = corpus(dir.path());
+        let n = all.len();
+        let mut s = stream(&spec, StreamCursor::default());
+        let mut got = Vec::new();
+        s.take(3, &mut got).unwrap();
+        s.take(n - 3 + 4, &mut got).unwrap(); // wraps into the second epoch
+        let want: Vec<u32> = all.iter().chain(&all[..4]).copied().collect();
+        assert_eq!(got, want);
+        assert_eq!(s.cursor.epoch, 1);
+
+        for cut in [1, 5, 6, n - 1, n, n + 2] {
+            let mut a = stream(&spec, StreamCursor::default());
+            let mut first = Vec::new();
+            a.take(cut, &mut first).unwrap();
+            let mut b = stream(&spec, a.cursor.clone());
+            let (mut rest_a, mut rest_b) = (Vec::new(), Vec::new());
+            a.take(7, &mut rest_a).unwrap();
+            b.take(7, &mut rest_b).unwrap();
+            assert_eq!(rest_a, rest_b, "resumed after {cut} tokens");
+            assert_eq!(rest_a[0], all[cut % n], "next token after {cut}");
+        }
+    }
+
+    #[test]
+    fn shuffled_file_order_depends_only_on_seed_and_epoch() {
+        let files = (0..8)
+            .map(|i| FileEntry {
+                path: format!("f{i}"),
+                size: 1,
+            })
+            .collect();
+        let mut spec = SourceSpec::plain(files);
+        assert_eq!(file_order(&spec, 3), (0..8).collect::<Vec<_>>());
+        spec.shuffle = true;
+        spec.seed = 7;
+        assert_eq!(file_order(&spec, 1), file_order(&spec, 1));
+        assert_ne!(file_order(&spec, 1), file_order(&spec, 2));
+        let mut sorted = file_order(&spec, 1);
+        sorted.sort();
+        assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+    }
+}
