@@ -6,7 +6,7 @@ use super::checkpointing::{self, SaveResult};
 use super::context::SharedContext;
 use crate::error::{exit, Kind};
 use crate::host::lua::is_interrupt;
-use crate::host::signals;
+use crate::host::{progress, signals};
 use mlua::{Lua, LuaSerdeExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -138,7 +138,7 @@ pub fn read_state(lua: &Lua) -> serde_json::Value {
         Ok(v) => match lua.from_value::<serde_json::Value>(v) {
             Ok(j) => j,
             Err(e) => {
-                crate::host::progress::warn(&format!(
+                progress::warn(&format!(
                     "wick.state is not plain data (numbers, strings, booleans, tables) and was not saved: {e}"
                 ));
                 serde_json::Value::Null
@@ -149,14 +149,14 @@ pub fn read_state(lua: &Lua) -> serde_json::Value {
 
 /// Report the ending, write the final checkpoint, and return the process exit code.
 pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
-    crate::host::progress::finish();
+    progress::finish();
     match ending {
         Ending::Completed | Ending::ReplExit => {}
-        Ending::Failed(msg) => eprintln!("error: {msg}"),
+        Ending::Failed(msg) => progress::error(msg),
         Ending::Stopped(sig) => eprintln!("wick: stopped by {}", signals::signal_name(*sig)),
         Ending::Panicked(msg) => eprintln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
-        Ending::Refused(msg) => eprintln!("error: cannot resume: {msg}"),
-        Ending::Diverged(msg) => eprintln!("error: {msg}"),
+        Ending::Refused(msg) => progress::error(&format!("cannot resume: {msg}")),
+        Ending::Diverged(msg) => progress::error(msg),
     }
     let code = ending.exit_code();
     if matches!(ending, Ending::Refused(_)) {
@@ -192,7 +192,7 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
             eprintln!("wick: {}", checkpointing::describe(&r, reason))
         }
         Err(e) => {
-            eprintln!("error: {e}\nwick: the previous checkpoint (if any) is untouched; free space or fix permissions, then rerun with --resume");
+            progress::error(&format!("{e}\nwick: the previous checkpoint (if any) is untouched; free space or fix permissions, then rerun with --resume"));
             return exit::SAVE_FAILED;
         }
     }

@@ -274,7 +274,7 @@ pub fn run(spec: RunSpec, resume: Option<PathBuf>) -> Result<i32> {
                     signals::exit_code(sig)
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    crate::host::progress::error(&e.to_string());
                     exit::SAVE_FAILED
                 }
             };
@@ -345,7 +345,7 @@ fn interactive(repl: &mut Repl) -> Result<i32> {
             }
             Err(ReadlineError::Eof) => return Ok(repl.exit()),
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::host::progress::error(&e.to_string());
                 return Ok(repl.exit());
             }
         }
