@@ -36,6 +36,8 @@ for step in session:steps({N}) do
   if step == fail_at then error("failing on purpose at step " .. step) end
   session.lr = lr(step)
   local loss = session:step(train:next())
+  -- Whether the signal landed inside the step or just after it, wait until the host saw it.
+  if step == during then while not wick.stopping() do end end
   wick.state.seen = wick.state.seen + 1
   wick.log{{ train_loss = loss }}
 end
