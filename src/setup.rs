@@ -48,6 +48,8 @@ pub struct RunSpec {
     pub quiet: bool,
     pub golden_dir: Option<PathBuf>,
     pub bless: bool,
+    /// Keep the run's messages in `<ckpt-dir>/wick.log` (off only for throwaway states).
+    pub run_log: bool,
 }
 
 impl RunSpec {
@@ -65,6 +67,7 @@ impl RunSpec {
             quiet: false,
             golden_dir: None,
             bless: false,
+            run_log: true,
         }
     }
 }
@@ -95,6 +98,9 @@ fn recipe_hash(src: &str) -> String {
 pub fn open(spec: &RunSpec) -> Result<Run> {
     let compute = crate::device::open(&spec.device, &spec.dtype).map_err(Error::usage)?;
     signals::install()?;
+    if spec.run_log {
+        crate::host::output::open_log(&spec.ckpt_dir);
+    }
     let ckpt_path = ckpt_path(&spec.ckpt_dir);
     for stale in ckpt::sweep_stale(&ckpt_path) {
         if !spec.quiet {

@@ -27,23 +27,104 @@ const MODES: &[(&str, &str)] = &[
     ("loading", "while true do local l = wick.data.loader{ source = wick.data.jsonl{ 'data.jsonl' }, batch = 4, seq_len = 16, name = 'l' .. math.random(1e9) } l:next() session:step(l:next()) end\n"),
 ];
 
-#[test]
-fn fifty_random_signals_each_end_with_the_right_code_and_a_loadable_checkpoint() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+/// The schedule's seed: `WICK_STRESS_SEED` replays a failure; otherwise the clock.
+fn schedule_seed() -> u64 {
+    let seed = std::env::var("WICK_STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
         | 1;
-    eprintln!("random schedule seed {seed}");
-    let mut rng = Lcg(seed);
+    eprintln!("random schedule seed {seed} (replay with WICK_STRESS_SEED={seed})");
+    seed
+}
+
+/// How a run in the random mix is ended.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    Signal(i32),
+    /// Its terminal is closed (SIGHUP, then every write to it fails).
+    TerminalClosed,
+    /// stderr's reader exits, then a SIGTERM stops the run.
+    StderrReaderExits,
+    /// stdout's reader exits while the recipe prints, then a SIGTERM stops the run.
+    StdoutReaderExits,
+}
+
+const ENDINGS: &[Ending] = &[
+    Ending::Signal(libc::SIGINT),
+    Ending::Signal(libc::SIGTERM),
+    Ending::TerminalClosed,
+    Ending::StderrReaderExits,
+    Ending::StdoutReaderExits,
+];
+
+/// Start the run for `ending`; returns the child, what to drop to end the output (the
+/// terminal or a pipe's reader), and where stderr can be read afterwards.
+fn start(
+    d: &Dir,
+    ending: Ending,
+) -> (
+    std::process::Child,
+    Option<Box<dyn std::any::Any>>,
+    std::path::PathBuf,
+) {
+    use std::process::Stdio;
+    let out = d.join("out.log");
+    let log = d.join("err.log");
+    let mut cmd = d.run_cmd("r.lua", &[]);
+    let ready_timeout = Duration::from_secs(30);
+    match ending {
+        Ending::Signal(_) => {
+            cmd.stdout(std::fs::File::create(&out).unwrap())
+                .stderr(std::fs::File::create(&log).unwrap());
+            let mut child = cmd.spawn().unwrap();
+            assert!(wait_for_line(&mut child, &out, "ready", ready_timeout));
+            (child, None, log)
+        }
+        Ending::TerminalClosed => {
+            let (child, mut terminal) = spawn_on_pty(cmd);
+            assert!(read_pty_until(&mut terminal, "ready", ready_timeout));
+            (child, Some(Box::new(terminal)), d.join("ckpt/wick.log"))
+        }
+        Ending::StderrReaderExits | Ending::StdoutReaderExits => {
+            let to_stderr = matches!(ending, Ending::StderrReaderExits);
+            if to_stderr {
+                cmd.stdout(std::fs::File::create(&out).unwrap())
+                    .stderr(Stdio::piped());
+            } else {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+            }
+            let mut child = cmd.spawn().unwrap();
+            let reader: Box<dyn std::any::Any> = if to_stderr {
+                assert!(wait_for_line(&mut child, &out, "ready", ready_timeout));
+                Box::new(child.stderr.take().unwrap())
+            } else {
+                let mut o = child.stdout.take().unwrap();
+                let mut first = [0u8; 5];
+                std::io::Read::read_exact(&mut o, &mut first).unwrap();
+                Box::new(o)
+            };
+            (child, Some(reader), d.join("ckpt/wick.log"))
+        }
+    }
+}
+
+#[test]
+fn fifty_random_endings_each_end_with_the_right_code_and_a_loadable_checkpoint() {
+    let mut rng = Lcg(schedule_seed());
     let d = Dir::new();
     d.corpus("data.jsonl", 300);
     for run in 0..50 {
-        let (mode, body) = MODES[rng.below(MODES.len() as u64) as usize];
-        let sig = if rng.below(2) == 0 {
-            libc::SIGINT
-        } else {
-            libc::SIGTERM
+        let ending = ENDINGS[rng.below(ENDINGS.len() as u64) as usize];
+        let (mode, body) = match ending {
+            // The recipe keeps printing, so writes hit the broken pipe.
+            Ending::StdoutReaderExits => ("printing", "for step in session:steps(1000000) do session:step(train:next()) print('step', step) io.write('more\\n') end\n"),
+            _ => MODES[rng.below(MODES.len() as u64) as usize],
         };
         let delay = rng.below(400);
         let mut r = String::from("print('ready')\n");
@@ -52,22 +133,28 @@ fn fifty_random_signals_each_end_with_the_right_code_and_a_loadable_checkpoint()
         r.push_str(body);
         d.write("r.lua", &r);
         let _ = std::fs::remove_dir_all(d.join("ckpt"));
-        let out = d.join("out.log");
-        let log = d.join("err.log");
-        let mut cmd = d.run_cmd("r.lua", &[]);
-        cmd.stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let mut child = cmd.spawn().unwrap();
-        assert!(
-            wait_for_line(&mut child, &out, "ready", Duration::from_secs(30)),
-            "run {run}: never ready"
-        );
+        let (mut child, output, log) = start(&d, ending);
         std::thread::sleep(Duration::from_millis(delay));
-        send(&child, sig);
+        let sig = match ending {
+            Ending::Signal(sig) => {
+                send(&child, sig);
+                sig
+            }
+            Ending::TerminalClosed => {
+                drop(output);
+                libc::SIGHUP
+            }
+            Ending::StderrReaderExits | Ending::StdoutReaderExits => {
+                drop(output);
+                std::thread::sleep(Duration::from_millis(rng.below(200)));
+                send(&child, libc::SIGTERM);
+                libc::SIGTERM
+            }
+        };
         let status = wait_timeout(&mut child, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("run {run} ({mode}) did not stop"));
-        let err = std::fs::read_to_string(&log).unwrap();
-        let ctx = format!("run {run} mode {mode} signal {sig} delay {delay}ms:\n{err}");
+            .unwrap_or_else(|| panic!("run {run} ({mode}, {ending:?}) did not stop"));
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
+        let ctx = format!("run {run} mode {mode} ending {ending:?} delay {delay}ms:\n{err}");
         assert_eq!(status.code(), Some(128 + sig), "{ctx}");
         assert!(!err.contains("panicked"), "{ctx}");
         if d.ckpt().exists() {
@@ -97,13 +184,7 @@ fn kill_9_during_large_writes_never_leaves_a_torn_checkpoint() {
     let d = Dir::new();
     d.corpus("data.jsonl", 50);
     d.write("big.lua", BIG);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("random schedule seed {seed}");
-    let mut rng = Lcg(seed);
+    let mut rng = Lcg(schedule_seed());
     // A first good checkpoint.
     let out = d.join("out.log");
     let mut cmd = d.run_cmd("big.lua", &[]);

@@ -104,7 +104,7 @@ pub fn run(what: BenchCommand) -> WickResult<i32> {
     let mut code = exit::OK;
     for r in results {
         match r {
-            Ok(v) => println!("{v}"),
+            Ok(v) => crate::outln!("{v}"),
             Err(e) => {
                 crate::host::progress::error(&e);
                 code = exit::USAGE;

@@ -86,7 +86,7 @@ pub fn export_hf(ckpt_path: &Path, out: &Path) -> Result<(), String> {
         &weights,
     )
     .map_err(|e| format!("cannot write {}: {e}", weights.display()))?;
-    eprintln!(
+    crate::errln!(
         "wick: exported {} (step {}) to {} (config.json, model.safetensors)",
         ckpt_path.display(),
         c.meta.step,

@@ -14,28 +14,28 @@ pub fn inspect(path: &Path, json: bool) -> Result<i32> {
             o.insert("checksum_ok".into(), true.into());
             o.insert("params".into(), c.meta.model.param_count().into());
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(exit::OK);
     }
     let m = &c.meta;
     let mc = &m.model;
-    println!("checkpoint   {}", path.display());
-    println!(
+    crate::outln!("checkpoint   {}", path.display());
+    crate::outln!(
         "file size    {}",
         crate::run::checkpointing::human_bytes(c.file_size)
     );
-    println!("checksum     {} (OK)", m.checksum);
-    println!("step         {} (reason {})", m.step, m.reason);
-    println!("saved        {}", ckpt::meta::format_unix(m.saved_unix));
-    println!("tokens seen  {}", m.tokens_seen);
-    println!(
+    crate::outln!("checksum     {} (OK)", m.checksum);
+    crate::outln!("step         {} (reason {})", m.step, m.reason);
+    crate::outln!("saved        {}", ckpt::meta::format_unix(m.saved_unix));
+    crate::outln!("tokens seen  {}", m.tokens_seen);
+    crate::outln!(
         "loss         {}",
         m.loss
             .map(|l| format!("{l:.4}"))
             .unwrap_or_else(|| "-".into())
     );
-    println!("lr           {:.3e}", m.lr);
-    println!(
+    crate::outln!("lr           {:.3e}", m.lr);
+    crate::outln!(
         "model        dim {} layers {} heads {} kv_heads {} hidden {} vocab {} seq_len {} tied {}",
         mc.dim,
         mc.n_layers,
@@ -46,17 +46,25 @@ pub fn inspect(path: &Path, json: bool) -> Result<i32> {
         mc.seq_len,
         mc.tie_embeddings
     );
-    println!("parameters   {}", mc.param_count());
-    println!(
+    crate::outln!("parameters   {}", mc.param_count());
+    crate::outln!(
         "optimizer    adamw lr {:.3e} betas ({}, {}) wd {} clip {:?}, {} updates",
-        m.optim.lr, m.optim.beta1, m.optim.beta2, m.optim.weight_decay, m.optim.clip, m.optim_step
+        m.optim.lr,
+        m.optim.beta1,
+        m.optim.beta2,
+        m.optim.weight_decay,
+        m.optim.clip,
+        m.optim_step
     );
-    println!(
+    crate::outln!(
         "seed         {}   run {}   device {}   dtype {} (weights stored f32)",
-        m.seed, m.run_id, m.device, m.dtype
+        m.seed,
+        m.run_id,
+        m.device,
+        m.dtype
     );
     if let Some(r) = &m.recipe {
-        println!("recipe       {r}");
+        crate::outln!("recipe       {r}");
     }
     for (name, l) in &m.loaders {
         let pos: Vec<String> = l
@@ -72,7 +80,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<i32> {
                 )
             })
             .collect();
-        println!(
+        crate::outln!(
             "data         {name} ({} batches): {}",
             l.cursor.batches,
             pos.join("; ")

@@ -2,6 +2,7 @@
 //! The host knows nothing of the `wick` API or of runs: `setup` wires them together.
 
 pub mod lua;
+pub mod output;
 pub mod progress;
 pub mod signals;
 pub mod threads;

@@ -1,5 +1,6 @@
 //! Human output on stderr: a progress bar on a terminal (step, loss, lr, tokens/s, ETA), plain
-//! lines otherwise, and warnings that print above the bar instead of through it.
+//! lines otherwise, and warnings that print above the bar instead of through it. Lines go
+//! through `output`, so they reach the run's log and a failed write never ends the run.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -27,13 +28,22 @@ fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
     STATE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Print a line above the bar (or plainly).
-pub fn warn(msg: &str) {
+/// A whole line on stderr, above the bar if one is drawn, and in the run's log.
+fn line(text: String) {
     let guard = lock();
     match guard.as_ref().and_then(|s| s.bar.as_ref()) {
-        Some(bar) => bar.println(format!("wick: {msg}")),
-        None => eprintln!("wick: {msg}"),
+        Some(bar) if super::output::stderr_alive() => {
+            // indicatif ignores write errors: a hung-up terminal costs nothing here.
+            bar.println(&text);
+            super::output::log_line(&text);
+        }
+        _ => super::output::stderr_line(&text),
     }
+}
+
+/// Print `wick: MSG` above the bar (or plainly).
+pub fn warn(msg: &str) {
+    line(format!("wick: {msg}"));
 }
 
 /// A training loop of `total` steps begins at `first_step` (non-zero after a resume).
@@ -63,7 +73,23 @@ pub fn start(first_step: u64, total: u64) {
     });
 }
 
+/// Test-only: the step at which drawing progress panics (`WICK_TEST_HOOKS` and
+/// `WICK_TEST_PANIC_IN_PROGRESS_AT=N`), to prove a panic in output still saves.
+fn panic_hook_step() -> Option<u64> {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        std::env::var_os("WICK_TEST_HOOKS")?;
+        std::env::var("WICK_TEST_PANIC_IN_PROGRESS_AT")
+            .ok()?
+            .parse()
+            .ok()
+    })
+}
+
 pub fn update(step: u64, loss: f64, lr: f64, tokens_per_s: f64, extra: &str) {
+    if panic_hook_step() == Some(step) {
+        panic!("test panic while drawing progress at step {step}");
+    }
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let msg = format!(
@@ -71,9 +97,8 @@ pub fn update(step: u64, loss: f64, lr: f64, tokens_per_s: f64, extra: &str) {
         tokens_per_s
     );
     if let Some(bar) = &s.bar {
-        bar.set_position(step);
-        bar.set_message(msg);
-        return;
+        bar.set_position(step.min(s.total));
+        bar.set_message(msg.clone());
     }
     if s.quiet {
         return;
@@ -93,7 +118,12 @@ pub fn update(step: u64, loss: f64, lr: f64, tokens_per_s: f64, extra: &str) {
         } else {
             0.0
         };
-        eprintln!("step {step}/{} {msg} eta {eta:.0}s", s.total);
+        let text = format!("step {step}/{} {msg} eta {eta:.0}s", s.total);
+        if s.bar.is_some() {
+            super::output::log_line(&text); // the terminal shows the bar instead
+        } else {
+            super::output::stderr_line(&text);
+        }
         s.last_line = Some(Instant::now());
     }
 }
@@ -108,9 +138,5 @@ pub fn finish() {
 
 /// The one place an error line is printed: `error: MESSAGE`, above the bar if one is drawn.
 pub fn error(msg: &str) {
-    let guard = lock();
-    match guard.as_ref().and_then(|s| s.bar.as_ref()) {
-        Some(bar) => bar.println(format!("error: {msg}")),
-        None => eprintln!("error: {msg}"),
-    }
+    line(format!("error: {msg}"));
 }

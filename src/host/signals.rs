@@ -125,7 +125,7 @@ fn on_signal() {
             if let Some(tmp) = tmp {
                 let _ = std::fs::remove_file(tmp);
             }
-            eprintln!("\nwick: aborted by {name} without saving; the previous checkpoint (if any) is intact");
+            crate::errln!("\nwick: aborted by {name} without saving; the previous checkpoint (if any) is intact");
             std::process::exit(exit_code(if sig == 0 { libc::SIGINT } else { sig }));
         }
     }

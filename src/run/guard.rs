@@ -153,14 +153,14 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
     match ending {
         Ending::Completed | Ending::ReplExit => {}
         Ending::Failed(msg) => progress::error(msg),
-        Ending::Stopped(sig) => eprintln!("wick: stopped by {}", signals::signal_name(*sig)),
-        Ending::Panicked(msg) => eprintln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
+        Ending::Stopped(sig) => crate::errln!("wick: stopped by {}", signals::signal_name(*sig)),
+        Ending::Panicked(msg) => crate::errln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
         Ending::Refused(msg) => progress::error(&format!("cannot resume: {msg}")),
         Ending::Diverged(msg) => progress::error(msg),
     }
     let code = ending.exit_code();
     if matches!(ending, Ending::Refused(_)) {
-        eprintln!("wick: nothing saved; the checkpoint is untouched");
+        crate::errln!("wick: nothing saved; the checkpoint is untouched");
         return code;
     }
     let mut ctx = match ctx.lock() {
@@ -168,7 +168,7 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
         Err(p) => p.into_inner(),
     };
     if ctx.diverged {
-        eprintln!(
+        crate::errln!(
             "wick: {} was not overwritten with the diverged state",
             ctx.opts.ckpt_path.display()
         );
@@ -176,7 +176,7 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
     }
     if ctx.step_ms_total > 0.0 && !ctx.opts.quiet {
         let (pct, ms) = ctx.data_wait();
-        eprintln!(
+        crate::errln!(
             "wick: training time {:.1} s, waiting for data {:.2} s ({pct:.1} %)",
             ctx.step_ms_total / 1e3,
             ms / 1e3
@@ -186,10 +186,10 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
     let reason = ending.reason();
     match checkpointing::save(&mut ctx, state, reason, None, false) {
         Ok(r @ SaveResult::Saved { .. }) => {
-            eprintln!("wick: {}", checkpointing::describe(&r, reason))
+            crate::errln!("wick: {}", checkpointing::describe(&r, reason))
         }
         Ok(r @ SaveResult::NothingNew(_)) => {
-            eprintln!("wick: {}", checkpointing::describe(&r, reason))
+            crate::errln!("wick: {}", checkpointing::describe(&r, reason))
         }
         Err(e) => {
             progress::error(&format!("{e}\nwick: the previous checkpoint (if any) is untouched; free space or fix permissions, then rerun with --resume"));

@@ -191,3 +191,68 @@ pub fn inspect(path: &Path) -> Output {
         .output()
         .unwrap()
 }
+
+/// Start `cmd` on a fresh pseudo-terminal that becomes its controlling terminal (stdin,
+/// stdout and stderr on it), as a terminal window, sshd or tmux would. Returns the child and
+/// the terminal's controlling side: dropping that hangs the terminal up (the kernel sends
+/// SIGHUP and later writes fail with EIO), as closing the window or losing the connection does.
+pub fn spawn_on_pty(mut cmd: Command) -> (Child, std::fs::File) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: plain libc calls on fds this function owns.
+    unsafe {
+        let r = libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        );
+        assert_eq!(r, 0, "openpty");
+        // The child must not hold the controlling side open, or closing ours hangs nothing up.
+        libc::fcntl(master, libc::F_SETFD, libc::FD_CLOEXEC);
+        cmd.stdin(Stdio::from(OwnedFd::from_raw_fd(libc::dup(slave))))
+            .stdout(Stdio::from(OwnedFd::from_raw_fd(libc::dup(slave))))
+            .stderr(Stdio::from(OwnedFd::from_raw_fd(libc::dup(slave))));
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn on a pty");
+    drop(cmd); // closes the parent's copies of the terminal side
+               // SAFETY: `slave` and `master` are ours; the child has its own copies of the terminal side.
+    unsafe { libc::close(slave) };
+    (child, unsafe { std::fs::File::from_raw_fd(master) })
+}
+
+/// Read what the terminal shows until `needle` appears (true) or `timeout` passes.
+pub fn read_pty_until(master: &mut std::fs::File, needle: &str, timeout: Duration) -> bool {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    while t0.elapsed() < timeout {
+        let mut pfd = libc::pollfd {
+            fd: master.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        match master.read(&mut buf) {
+            Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => return false,
+        }
+        if String::from_utf8_lossy(&seen).contains(needle) {
+            return true;
+        }
+    }
+    false
+}

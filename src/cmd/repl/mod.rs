@@ -51,14 +51,14 @@ impl Repl {
     }
 
     fn out(&self, s: &str) {
-        println!("{s}");
+        crate::outln!("{s}");
     }
 
     fn err(&self, s: &str) {
         if self.tty {
-            eprintln!("\x1b[31m{s}\x1b[0m");
+            crate::errln!("\x1b[31m{s}\x1b[0m");
         } else {
-            eprintln!("{s}");
+            crate::errln!("{s}");
         }
     }
 
@@ -251,7 +251,7 @@ pub fn run(spec: RunSpec, resume: Option<PathBuf>) -> Result<i32> {
             return Err(crate::Error::usage(m.clone()));
         }
         if tty {
-            eprintln!("resumed {}: `model` and `session` are ready", p.display());
+            crate::errln!("resumed {}: `model` and `session` are ready", p.display());
         }
     }
     // A SIGTERM/SIGHUP while waiting for input: save (if anything is new) and exit.
@@ -270,7 +270,7 @@ pub fn run(spec: RunSpec, resume: Option<PathBuf>) -> Result<i32> {
                 false,
             ) {
                 Ok(r @ SaveResult::Saved { .. }) | Ok(r @ SaveResult::NothingNew(_)) => {
-                    eprintln!("wick: {}", checkpointing::describe(&r, "interrupted"));
+                    crate::errln!("wick: {}", checkpointing::describe(&r, "interrupted"));
                     signals::exit_code(sig)
                 }
                 Err(e) => {
@@ -298,7 +298,7 @@ fn interactive(repl: &mut Repl) -> Result<i32> {
     if let Some(h) = &history {
         let _ = rl.load_history(h);
     }
-    eprintln!(
+    crate::errln!(
         "wick {} REPL: Lua 5.4 with the wick API. :help for help, Ctrl+D to quit.",
         env!("CARGO_PKG_VERSION")
     );

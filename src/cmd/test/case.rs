@@ -30,7 +30,7 @@ pub struct CaseRun {
     pub dtype: String,
 }
 
-fn spec(file: &Path, src: String, run: &CaseRun) -> RunSpec {
+fn spec(file: &Path, src: String, run: &CaseRun, run_log: bool) -> RunSpec {
     RunSpec {
         device: run.device.clone(),
         dtype: run.dtype.clone(),
@@ -39,15 +39,16 @@ fn spec(file: &Path, src: String, run: &CaseRun) -> RunSpec {
         quiet: true,
         golden_dir: Some(file.parent().unwrap_or(Path::new(".")).join("golden")),
         bless: run.bless,
+        run_log,
         ..RunSpec::new(&run.ckpt_dir)
     }
 }
 
 /// Load a test file into a fresh run; its cases are in `__wick_cases`.
-fn load_file(file: &Path, run: &CaseRun) -> Result<setup::Run> {
+fn load_file(file: &Path, run: &CaseRun, run_log: bool) -> Result<setup::Run> {
     let src = std::fs::read_to_string(file)
         .map_err(|e| Error::usage(format!("cannot read {}: {e}", file.display())))?;
-    let r = setup::open(&spec(file, src.clone(), run))?;
+    let r = setup::open(&spec(file, src.clone(), run, run_log))?;
     r.lua
         .load(TEST_PRELUDE)
         .set_name("@wick/test-prelude.lua")
@@ -69,7 +70,7 @@ pub fn list_cases(file: &Path) -> Result<Vec<(String, Option<String>)>> {
         device: "cpu".into(),
         dtype: "f32".into(),
     };
-    let r = load_file(file, &run)?;
+    let r = load_file(file, &run, false)?;
     let read = || -> mlua::Result<Vec<(String, Option<String>)>> {
         let cases: mlua::Table = r.lua.globals().get("__wick_cases")?;
         cases
@@ -113,7 +114,7 @@ pub fn run_case(file: &Path, name: &str, run: CaseRun, result: &Path) -> Result<
         });
         let _ = std::fs::write(result, v.to_string());
     };
-    let r = match load_file(file, &run) {
+    let r = match load_file(file, &run, true) {
         Ok(r) => r,
         Err(e) => {
             write("fail", &e.message, None);

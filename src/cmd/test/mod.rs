@@ -126,7 +126,7 @@ fn collect_cases(files: &[PathBuf], filter: Option<&str>) -> (Vec<Case>, Vec<Out
                     skip: None,
                 });
                 let reason = first_line(&e.message);
-                println!("FAIL {}::(file) (0.00 s): {reason}", file.display());
+                crate::outln!("FAIL {}::(file) (0.00 s): {reason}", file.display());
                 outcomes.push(Outcome::failed(cases.len() - 1, reason));
             }
         }

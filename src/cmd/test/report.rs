@@ -25,24 +25,26 @@ fn counts(outcomes: &[Outcome]) -> Counts {
 pub fn summary(cases: &[Case], outcomes: &[Outcome], ran: &Ran) -> Counts {
     for (name, status) in &ran.blessed {
         if status != "unchanged" {
-            println!("golden {name}: {status}");
+            crate::outln!("golden {name}: {status}");
         }
     }
     let c = counts(outcomes);
     if ran.interrupted {
-        println!(
+        crate::outln!(
             "interrupted: {} of {} cases ran",
             outcomes.len(),
             cases.len()
         );
     }
     if c.skipped > 0 {
-        println!(
+        crate::outln!(
             "{} passed, {} failed, {} skipped",
-            c.passed, c.failed, c.skipped
+            c.passed,
+            c.failed,
+            c.skipped
         );
     } else {
-        println!("{} passed, {} failed", c.passed, c.failed);
+        crate::outln!("{} passed, {} failed", c.passed, c.failed);
     }
     c
 }

@@ -94,7 +94,7 @@ fn finish(
 
 fn print_outcome(case: &Case, o: &Outcome) {
     if o.passed {
-        println!(
+        crate::outln!(
             "ok   {}::{} ({:.2} s)",
             case.file.display(),
             case.name,
@@ -106,7 +106,7 @@ fn print_outcome(case: &Case, o: &Outcome) {
             .as_ref()
             .map(|p| format!(" [checkpoint: {}]", p.display()))
             .unwrap_or_default();
-        println!(
+        crate::outln!(
             "FAIL {}::{} ({:.2} s): {}{at}",
             case.file.display(),
             case.name,
@@ -143,7 +143,7 @@ pub fn run_all(cases: &[Case], outcomes: &mut Vec<Outcome>, args: &TestArgs) -> 
             let Some(i) = queue.pop() else { break };
             let case = &cases[i];
             if let Some(why) = &case.skip {
-                println!("skip {}::{} ({why})", case.file.display(), case.name);
+                crate::outln!("skip {}::{} ({why})", case.file.display(), case.name);
                 outcomes.push(Outcome {
                     skipped: true,
                     ..Outcome::failed(i, why.clone())
