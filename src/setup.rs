@@ -48,8 +48,12 @@ pub struct RunSpec {
     pub quiet: bool,
     pub golden_dir: Option<PathBuf>,
     pub bless: bool,
-    /// Keep the run's messages in `<ckpt-dir>/wick.log` (off only for throwaway states).
-    pub run_log: bool,
+    /// The run owns its checkpoint directory: it takes the directory's lock and keeps its
+    /// messages in `<ckpt-dir>/wick.log` (off only for throwaway states, e.g. listing tests).
+    pub owns_dir: bool,
+    /// Cap on the Lua heap in bytes (0: none).
+    pub lua_memory: usize,
+    pub rescue_dir: Option<PathBuf>,
 }
 
 impl RunSpec {
@@ -67,7 +71,9 @@ impl RunSpec {
             quiet: false,
             golden_dir: None,
             bless: false,
-            run_log: true,
+            owns_dir: true,
+            lua_memory: default_lua_memory(),
+            rescue_dir: None,
         }
     }
 }
@@ -77,6 +83,51 @@ pub struct Run {
     pub lua: Lua,
     pub ctx: SharedContext,
     pub opts: RunOptions,
+}
+
+/// The default cap on the Lua heap: a quarter of physical memory (the rest is the model's,
+/// the data's and the system's), at least 256 MiB.
+pub fn default_lua_memory() -> usize {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || page <= 0 {
+        return 4 << 30;
+    }
+    ((pages as usize).saturating_mul(page as usize) / 4).max(256 << 20)
+}
+
+/// `--lua-memory`: `512M`, `4G`, `1.5G`, a byte count, or `0`/`none` for no cap.
+pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    if t == "none" || t == "0" {
+        return Ok(0);
+    }
+    let (num, mult) = match t.trim_end_matches(['b', 'i']).chars().last() {
+        Some('k') => (&t[..t.find('k').unwrap_or(0)], 1u64 << 10),
+        Some('m') => (&t[..t.find('m').unwrap_or(0)], 1 << 20),
+        Some('g') => (&t[..t.find('g').unwrap_or(0)], 1 << 30),
+        Some('t') => (&t[..t.find('t').unwrap_or(0)], 1 << 40),
+        _ => (t.as_str(), 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size; use e.g. 512M, 4G or none"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("'{s}' is not a size; use e.g. 512M, 4G or none"));
+    }
+    let bytes = (v * mult as f64) as usize;
+    if bytes > 0 && bytes < 1 << 20 {
+        return Err(format!(
+            "--lua-memory {s} is too small for Lua to start; use at least 1M"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Read a recipe, allowing a `#!` line (kept as a comment so line numbers stay right).
@@ -98,7 +149,8 @@ fn recipe_hash(src: &str) -> String {
 pub fn open(spec: &RunSpec) -> Result<Run> {
     let compute = crate::device::open(&spec.device, &spec.dtype).map_err(Error::usage)?;
     signals::install()?;
-    if spec.run_log {
+    if spec.owns_dir {
+        crate::run::lock::acquire(&spec.ckpt_dir)?;
         crate::host::output::open_log(&spec.ckpt_dir);
     }
     let ckpt_path = ckpt_path(&spec.ckpt_dir);
@@ -128,8 +180,13 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
         quiet: spec.quiet,
         golden_dir: spec.golden_dir.clone(),
         bless: spec.bless,
+        rescue_dir: spec.rescue_dir.clone(),
     };
     let (lua, ctx) = new_state(&opts, resume)?;
+    if spec.lua_memory > 0 {
+        lua::set_heap_limit(&lua, spec.lua_memory)
+            .map_err(|e| Error::failed(format!("cannot limit the Lua heap: {e}")))?;
+    }
     Ok(Run { lua, ctx, opts })
 }
 

@@ -45,6 +45,14 @@ pub struct RunArgs {
     /// Also save every N steps (off by default: no I/O in the training loop).
     #[arg(long, value_name = "N")]
     pub save_every: Option<u64>,
+    /// Cap on the recipe's Lua heap (e.g. 512M, 4G; "none" for no cap). Past it, Lua raises
+    /// "not enough memory", a script error that still saves. Default: a quarter of RAM.
+    #[arg(long, value_name = "SIZE", value_parser = crate::setup::parse_size)]
+    pub lua_memory: Option<usize>,
+    /// Where the state goes if the checkpoint directory cannot take the final save (disk
+    /// full, no permission). Default: $XDG_STATE_HOME/wick/rescue (~/.local/state/wick/rescue).
+    #[arg(long, value_name = "DIR")]
+    pub rescue_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +172,10 @@ impl RunArgs {
             dtype: self.dtype.clone(),
             seed: self.seed,
             save_every: self.save_every,
+            lua_memory: self
+                .lua_memory
+                .unwrap_or_else(crate::setup::default_lua_memory),
+            rescue_dir: self.rescue_dir.clone(),
             ..RunSpec::new(&self.ckpt_dir)
         }
     }

@@ -17,7 +17,8 @@ pub const STDLIB: &[(&str, &str)] = &[
 ];
 
 const PRELUDE: &str = r#"
--- A stop (Ctrl+C, SIGTERM) must reach the host: a user's xpcall handler does not run for it.
+-- A stop (Ctrl+C, SIGTERM, os.exit) must reach the host: a user's xpcall handler does not run
+-- for it.
 do
   local raw_xpcall, stopping = xpcall, wick.__stopping
   xpcall = function(f, handler, ...)
@@ -25,6 +26,34 @@ do
       if stopping() then return e end
       return handler(e)
     end, ...)
+  end
+end
+
+-- error(t) with a plain table shows its fields instead of "table: 0x...": the table gets a
+-- __tostring (only if it has no metatable), which the host's message uses.
+do
+  local raw_error, rawtostring = error, tostring
+  local function show(v)
+    if type(v) == "string" then return string.format("%q", v) end
+    return rawtostring(v)
+  end
+  local function fields(t)
+    local parts = {}
+    for k, v in pairs(t) do
+      local key = type(k) == "string" and k:match("^[%a_][%w_]*$") and k or ("[" .. show(k) .. "]")
+      parts[#parts + 1] = key .. " = " .. show(v)
+    end
+    table.sort(parts)
+    return "{ " .. table.concat(parts, ", ") .. " }"
+  end
+  error = function(e, level)
+    if type(e) == "table" and getmetatable(e) == nil then
+      setmetatable(e, { __tostring = fields })
+    end
+    -- One frame deeper than the caller meant (this wrapper); the host hides the wrapper's
+    -- frames from tracebacks.
+    level = level or 1
+    raw_error(e, level > 0 and level + 1 or level)
   end
 end
 "#;
@@ -62,8 +91,54 @@ pub fn new_state(
         )?;
     }
     lua.load(PRELUDE).set_name("@wick/prelude.lua").exec()?;
+    install_os_exit(&lua)?;
     install_stop_hook(&lua)?;
     Ok(lua)
+}
+
+/// `os.exit(code)` would end the process from C (`exit()`), past the host and its checkpoint.
+/// Here it ends the script at this boundary like a stop, and the host exits with `code` after
+/// saving (`true` → 0, `false` → 1, no argument → 0).
+fn install_os_exit(lua: &Lua) -> mlua::Result<()> {
+    let os: mlua::Table = lua.globals().get("os")?;
+    os.set(
+        "exit",
+        lua.create_function(|_, code: mlua::Value| -> mlua::Result<()> {
+            let code = match code {
+                mlua::Value::Nil | mlua::Value::Boolean(true) => 0,
+                mlua::Value::Boolean(false) => 1,
+                mlua::Value::Integer(n) => n as i32,
+                mlua::Value::Number(n) => n as i32,
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "os.exit expects a number or a boolean, got {}",
+                        other.type_name()
+                    )))
+                }
+            };
+            signals::request_exit(code);
+            Err(mlua::Error::external(Interrupted))
+        })?,
+    )
+}
+
+/// The Lua heap limit in bytes (0: none), for messages.
+static HEAP_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Cap the Lua heap: past it, allocations fail with Lua's "not enough memory" error instead of
+/// growing until the kernel kills the process (and the checkpoint with it).
+pub fn set_heap_limit(lua: &Lua, bytes: usize) -> mlua::Result<()> {
+    HEAP_LIMIT.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    lua.set_memory_limit(bytes).map(|_| ())
+}
+
+/// Lift the cap (the guard, to read `wick.state` after the heap ran full).
+pub fn lift_heap_limit(lua: &Lua) {
+    let _ = lua.set_memory_limit(0);
+}
+
+pub fn heap_limit() -> usize {
+    HEAP_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Every HOOK_EVERY instructions, check the stop flag. Once stopping, check at every

@@ -11,6 +11,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static COUNT: AtomicU32 = AtomicU32::new(0);
 static SAVING: AtomicBool = AtomicBool::new(false);
+/// The code `os.exit` asked for (`NO_EXIT` when it was not called).
+static EXIT_CODE: AtomicI32 = AtomicI32::new(NO_EXIT);
+const NO_EXIT: i32 = i32::MIN;
 /// In the REPL a first Ctrl+C cancels the running command instead of ending the program.
 static REPL_MODE: AtomicBool = AtomicBool::new(false);
 /// The REPL is waiting for input: a SIGTERM/SIGHUP there cannot reach the main thread, so the
@@ -62,8 +65,24 @@ pub fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// The recipe called `os.exit(code)`: stop at this boundary like a signal would (no `pcall`
+/// can swallow it), then save and exit with `code`.
+pub fn request_exit(code: i32) {
+    EXIT_CODE.store(code, Ordering::SeqCst);
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// The code of an `os.exit` that is ending the script, if one is.
+pub fn exit_requested() -> Option<i32> {
+    match EXIT_CODE.load(Ordering::SeqCst) {
+        NO_EXIT => None,
+        code => Some(code),
+    }
+}
+
 /// Forget a handled stop (the REPL, after cancelling a command).
 pub fn clear() {
+    EXIT_CODE.store(NO_EXIT, Ordering::SeqCst);
     STOP.store(false, Ordering::SeqCst);
     COUNT.store(0, Ordering::SeqCst);
     LAST_SIGNAL.store(0, Ordering::SeqCst);

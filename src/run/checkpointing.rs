@@ -163,6 +163,37 @@ pub fn save(
     })
 }
 
+/// Where a run's state goes when its checkpoint directory cannot take it (disk full, no
+/// permission): `--rescue-dir`, else `$XDG_STATE_HOME/wick/rescue` (`~/.local/state/...`),
+/// else the temp directory; one subdirectory per run.
+pub fn rescue_path(ctx: &RunContext) -> PathBuf {
+    let base = ctx.opts.rescue_dir.clone().unwrap_or_else(|| {
+        std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+            .map(|p| p.join("wick").join("rescue"))
+            .unwrap_or_else(|| std::env::temp_dir().join("wick-rescue"))
+    });
+    let file = ctx
+        .opts
+        .ckpt_path
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("full_model.ckpt"));
+    base.join(&ctx.run_id).join(file)
+}
+
+/// Save the session at the rescue location (after the real save failed).
+pub fn rescue(
+    ctx: &mut RunContext,
+    state: serde_json::Value,
+    reason: &str,
+) -> Result<SaveResult, SaveError> {
+    let path = rescue_path(ctx);
+    save(ctx, state, reason, Some(path), true)
+}
+
 /// Before the first save over a file that belongs to another run, keep it as `.prev`.
 fn keep_earlier_run(ctx: &mut RunContext, target: &Path) {
     if ctx.prev_handled {

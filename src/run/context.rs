@@ -27,6 +27,8 @@ pub struct RunOptions {
     /// `wick test --bless` asked to (re)write them.
     pub golden_dir: Option<PathBuf>,
     pub bless: bool,
+    /// Where the state goes when the checkpoint directory cannot take it (`--rescue-dir`).
+    pub rescue_dir: Option<PathBuf>,
 }
 
 pub struct RunContext {

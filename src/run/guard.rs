@@ -20,6 +20,8 @@ pub enum Ending {
     Panicked(String),
     Refused(String),
     Diverged(String),
+    /// The recipe called `os.exit(code)`.
+    Exit(i32),
 }
 
 impl Ending {
@@ -32,6 +34,7 @@ impl Ending {
             Ending::Panicked(_) => "panic",
             Ending::Refused(_) => "refused",
             Ending::Diverged(_) => "diverged",
+            Ending::Exit(_) => "exit",
         }
     }
 
@@ -42,6 +45,7 @@ impl Ending {
             Ending::Stopped(sig) => signals::exit_code(*sig),
             Ending::Panicked(_) => exit::PANIC,
             Ending::Refused(_) => exit::USAGE,
+            Ending::Exit(code) => *code,
         }
     }
 }
@@ -55,6 +59,10 @@ pub fn run_chunk(lua: &Lua, name: &str, src: &str) -> (Ending, Vec<mlua::Value>)
 pub fn run_with(f: impl FnOnce() -> mlua::Result<mlua::MultiValue>) -> (Ending, Vec<mlua::Value>) {
     let result = catch_unwind(AssertUnwindSafe(f));
     match result {
+        Ok(_) if signals::exit_requested().is_some() => (
+            Ending::Exit(signals::exit_requested().unwrap_or(0)),
+            Vec::new(),
+        ),
         Ok(Ok(values)) => match signals::received().filter(|_| signals::stop_requested()) {
             Some(sig) => (Ending::Stopped(sig), Vec::new()),
             None => (Ending::Completed, values.into_iter().collect()),
@@ -72,6 +80,9 @@ pub fn run_with(f: impl FnOnce() -> mlua::Result<mlua::MultiValue>) -> (Ending, 
 }
 
 pub fn classify_error(e: &mlua::Error) -> Ending {
+    if let Some(code) = signals::exit_requested() {
+        return Ending::Exit(code);
+    }
     if is_interrupt(e) || signals::stop_requested() {
         return Ending::Stopped(signals::received().unwrap_or(libc::SIGINT));
     }
@@ -99,6 +110,17 @@ pub fn clean_message(e: &mlua::Error) -> String {
             }
         }
         mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
+        mlua::Error::MemoryError(m) => {
+            let limit = crate::host::lua::heap_limit();
+            if limit > 0 {
+                format!(
+                    "{m}: the recipe's Lua heap reached its limit of {} MiB; free what the recipe keeps (large tables or strings) or raise --lua-memory",
+                    limit >> 20
+                )
+            } else {
+                m.clone()
+            }
+        }
         mlua::Error::RuntimeError(m) => m.clone(),
         mlua::Error::ExternalError(x) => x.to_string(),
         mlua::Error::WithContext { context, cause } => {
@@ -107,10 +129,15 @@ pub fn clean_message(e: &mlua::Error) -> String {
         other => other.to_string(),
     };
     // candle errors may carry a Rust backtrace; users need the message, not our internals.
-    match text.find("\n   0: ") {
+    let text = match text.find("\n   0: ") {
         Some(i) => text[..i].to_string(),
         None => text,
-    }
+    };
+    // The prelude's `error` wrapper is wick's, not the recipe's: keep it out of tracebacks.
+    text.lines()
+        .filter(|l| !l.contains("wick/prelude.lua:") && !l.contains("upvalue 'raw_error'"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The first Lua `file:line` in a traceback (skipping frames of Rust functions).
@@ -157,6 +184,7 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
         Ending::Panicked(msg) => crate::errln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
         Ending::Refused(msg) => progress::error(&format!("cannot resume: {msg}")),
         Ending::Diverged(msg) => progress::error(msg),
+        Ending::Exit(code) => progress::warn(&format!("the recipe called os.exit({code})")),
     }
     let code = ending.exit_code();
     if matches!(ending, Ending::Refused(_)) {
@@ -182,9 +210,12 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
             ms / 1e3
         );
     }
+    // A heap that ran full must not keep the host from reading `wick.state`.
+    crate::host::lua::lift_heap_limit(lua);
+    let _ = lua.gc_collect();
     let state = read_state(lua);
     let reason = ending.reason();
-    match checkpointing::save(&mut ctx, state, reason, None, false) {
+    match checkpointing::save(&mut ctx, state.clone(), reason, None, false) {
         Ok(r @ SaveResult::Saved { .. }) => {
             crate::errln!("wick: {}", checkpointing::describe(&r, reason))
         }
@@ -192,7 +223,27 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
             crate::errln!("wick: {}", checkpointing::describe(&r, reason))
         }
         Err(e) => {
-            progress::error(&format!("{e}\nwick: the previous checkpoint (if any) is untouched; free space or fix permissions, then rerun with --resume"));
+            progress::error(&format!(
+                "{e}\nwick: the previous checkpoint (if any) is untouched"
+            ));
+            match checkpointing::rescue(&mut ctx, state, reason) {
+                Ok(r @ SaveResult::Saved { .. }) => {
+                    let SaveResult::Saved { path, step, .. } = &r else {
+                        unreachable!()
+                    };
+                    crate::errln!(
+                        "wick: {}\nwick: the state of step {step} is safe there: free space or fix permissions, then continue with --resume {}",
+                        checkpointing::describe(&r, reason),
+                        path.display()
+                    );
+                }
+                Ok(r @ SaveResult::NothingNew(_)) => {
+                    crate::errln!("wick: {}", checkpointing::describe(&r, reason))
+                }
+                Err(e2) => progress::error(&format!(
+                    "the rescue save failed too: {e2}; the steps since the last checkpoint are lost"
+                )),
+            }
             return exit::SAVE_FAILED;
         }
     }

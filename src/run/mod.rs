@@ -7,6 +7,7 @@ pub mod checkpointing;
 pub mod context;
 pub mod golden;
 pub mod guard;
+pub mod lock;
 pub mod metrics;
 pub mod resume;
 pub mod step;

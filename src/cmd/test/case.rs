@@ -30,7 +30,7 @@ pub struct CaseRun {
     pub dtype: String,
 }
 
-fn spec(file: &Path, src: String, run: &CaseRun, run_log: bool) -> RunSpec {
+fn spec(file: &Path, src: String, run: &CaseRun, owns_dir: bool) -> RunSpec {
     RunSpec {
         device: run.device.clone(),
         dtype: run.dtype.clone(),
@@ -39,16 +39,16 @@ fn spec(file: &Path, src: String, run: &CaseRun, run_log: bool) -> RunSpec {
         quiet: true,
         golden_dir: Some(file.parent().unwrap_or(Path::new(".")).join("golden")),
         bless: run.bless,
-        run_log,
+        owns_dir,
         ..RunSpec::new(&run.ckpt_dir)
     }
 }
 
 /// Load a test file into a fresh run; its cases are in `__wick_cases`.
-fn load_file(file: &Path, run: &CaseRun, run_log: bool) -> Result<setup::Run> {
+fn load_file(file: &Path, run: &CaseRun, owns_dir: bool) -> Result<setup::Run> {
     let src = std::fs::read_to_string(file)
         .map_err(|e| Error::usage(format!("cannot read {}: {e}", file.display())))?;
-    let r = setup::open(&spec(file, src.clone(), run, run_log))?;
+    let r = setup::open(&spec(file, src.clone(), run, owns_dir))?;
     r.lua
         .load(TEST_PRELUDE)
         .set_name("@wick/test-prelude.lua")
@@ -136,6 +136,7 @@ pub fn run_case(file: &Path, name: &str, run: CaseRun, result: &Path) -> Result<
             format!("interrupted by {}", crate::host::signals::signal_name(*sig))
         }
         Ending::Panicked(m) => format!("wick panicked: {m}"),
+        Ending::Exit(code) => format!("the case called os.exit({code})"),
     };
     let code = guard::finalize(&r.lua, &r.ctx, &ending);
     let status = if code == exit::OK { "pass" } else { "fail" };
