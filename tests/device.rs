@@ -217,17 +217,20 @@ fn checkpoints_from_a_gpu_run_and_in_bf16_resume_on_the_cpu() {
 }
 
 /// The CUDA build (scripts/build-cuda.sh) must start and train on a machine without CUDA
-/// libraries, and turn `--device cuda` there into a clear error. Runs when that binary exists
-/// (WICK_CUDA_BIN or target/cuda/target/release/wick); the default build cannot check this.
+/// libraries, and turn `--device cuda` there into a clear error. Needs that binary
+/// (WICK_CUDA_BIN or target/cuda/target/release/wick), which the default build does not make:
+/// run it with `cargo test --release --test device -- --ignored` after scripts/build-cuda.sh.
 #[test]
+#[ignore = "needs the CUDA build from scripts/build-cuda.sh (then run with --ignored)"]
 fn cuda_build_without_a_gpu_runs_on_the_cpu_and_refuses_cuda_clearly() {
     let bin = std::env::var_os("WICK_CUDA_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/cuda/target/release/wick"));
-    if !bin.exists() {
-        eprintln!("no CUDA build at {}: skipped", bin.display());
-        return;
-    }
+    assert!(
+        bin.exists(),
+        "no CUDA build at {}: build it with scripts/build-cuda.sh or set WICK_CUDA_BIN",
+        bin.display()
+    );
     let d = setup();
     let run = |args: &[&str]| {
         Command::new(&bin)

@@ -196,7 +196,7 @@ fn ctrl_c_stops_the_whole_run_with_a_summary() {
     let d = Dir::new();
     let mut s = String::new();
     for i in 0..6 {
-        s += &format!("test('spin {i}', function() local x = 0 while true do x = x + 1 end end)\n");
+        s += &format!("test('spin {i}', function() io.open('started_{i}', 'w'):close() local x = 0 while true do x = x + 1 end end)\n");
     }
     d.write("s_test.lua", &s);
     let log = d.join("out.log");
@@ -205,8 +205,16 @@ fn ctrl_c_stops_the_whole_run_with_a_summary() {
         .args(["test", "s_test.lua", "--jobs", "2"])
         .stdout(std::fs::File::create(&log).unwrap());
     let mut child = cmd.spawn().unwrap();
-    // Long enough for both workers to be running on a slow machine; the cases never finish.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Both workers' cases are running (each marks its start); the cases never finish.
+    let t0 = std::time::Instant::now();
+    while !(d.join("started_0").exists() && d.join("started_1").exists()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "cases never started"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "runner ended early");
+        std::thread::yield_now();
+    }
     send(&child, libc::SIGINT);
     let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("stops");
     let out = std::fs::read_to_string(&log).unwrap();

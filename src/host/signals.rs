@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering}
 static STOP: AtomicBool = AtomicBool::new(false);
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static COUNT: AtomicU32 = AtomicU32::new(0);
+/// Signals recorded by the handler, and those the handler thread has acted on: while they
+/// differ, a signal is on its way and `clear` must not forget which one it was.
+static RAISED: AtomicU32 = AtomicU32::new(0);
+static HANDLED: AtomicU32 = AtomicU32::new(0);
 static SAVING: AtomicBool = AtomicBool::new(false);
 /// The code `os.exit` asked for (`NO_EXIT` when it was not called).
 static EXIT_CODE: AtomicI32 = AtomicI32::new(NO_EXIT);
@@ -80,8 +84,12 @@ pub fn exit_requested() -> Option<i32> {
     }
 }
 
-/// Forget a handled stop (the REPL, after cancelling a command).
+/// Forget a handled stop (the REPL, after cancelling a command). A signal still on its way to
+/// the handler thread is kept: it belongs to what comes next.
 pub fn clear() {
+    if RAISED.load(Ordering::SeqCst) != HANDLED.load(Ordering::SeqCst) {
+        return;
+    }
     EXIT_CODE.store(NO_EXIT, Ordering::SeqCst);
     STOP.store(false, Ordering::SeqCst);
     COUNT.store(0, Ordering::SeqCst);
@@ -98,6 +106,7 @@ pub fn set_repl_mode(on: bool) {
 
 extern "C" fn record_then_chain(sig: libc::c_int) {
     LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    RAISED.fetch_add(1, Ordering::SeqCst);
     if let Some(i) = SIGNALS.iter().position(|&s| s == sig) {
         let prev = CHAINED[i].load(Ordering::SeqCst);
         if prev != 0 && prev != libc::SIG_IGN && prev != libc::SIG_DFL {
@@ -119,6 +128,7 @@ pub fn set_prompt_exit(f: PromptExit) {
 }
 
 fn on_signal() {
+    HANDLED.fetch_add(1, Ordering::SeqCst);
     let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
     STOP.store(true, Ordering::SeqCst);
     let sig = LAST_SIGNAL.load(Ordering::SeqCst);
