@@ -225,3 +225,68 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A stop that arrives while `os.execute` or `io.popen` runs a command is honoured at the next
+/// boundary (C's `system()` would have ignored a SIGINT sent to wick meanwhile).
+#[test]
+fn a_stop_during_os_execute_or_io_popen_is_honoured() {
+    let cases = [
+        ("os.execute('kill -INT $PPID; sleep 0.3')", libc::SIGINT),
+        ("os.execute('kill -TERM $PPID; sleep 0.3')", libc::SIGTERM),
+        (
+            "io.popen('kill -HUP $PPID; sleep 0.3; echo hi'):read('a')",
+            libc::SIGHUP,
+        ),
+        (
+            "io.popen('kill -INT $PPID; sleep 0.3; echo hi'):close()",
+            libc::SIGINT,
+        ),
+    ];
+    for (call, sig) in cases {
+        let d = Dir::new();
+        recipe(
+            &d,
+            &format!(
+                "for step in session:steps(40) do\n  session:step(train:next())\n  if step == 3 then {call} end\nend\n"
+            ),
+        );
+        let o = d.run("r.lua", &[]);
+        let err = stderr(&o);
+        assert_eq!(code(&o), 128 + sig, "{call}: {err}");
+        let m = ckpt_meta(&d.ckpt());
+        assert_eq!(m["reason"], "interrupted", "{call}");
+        assert_eq!(
+            m["step"], 3,
+            "{call}: stops at the boundary after the command"
+        );
+    }
+    // Lua's own results are kept.
+    let d = Dir::new();
+    d.write(
+        "x.lua",
+        "print(os.execute('exit 3'))\nprint(os.execute('kill -KILL $$'))\nprint(os.execute())\nprint(os.execute('true'))\n",
+    );
+    let o = d.run("x.lua", &[]);
+    assert_eq!(
+        stdout(&o),
+        "nil\texit\t3\nnil\tsignal\t9\ntrue\ntrue\texit\t0\n"
+    );
+}
+
+/// The row `wick.log` writes for the step the checkpoint holds is never lost to a stop that
+/// arrived just before it.
+#[test]
+fn the_last_logged_row_is_written_when_a_stop_is_pending() {
+    let d = Dir::new();
+    recipe(
+        &d,
+        "for step in session:steps(40) do\n  local loss = session:step(train:next())\n  wick.log{ train_loss = loss, stop = step == 5 and os.execute('kill -INT $PPID; sleep 0.2') or nil }\nend\n",
+    );
+    let o = d.run("r.lua", &[]);
+    assert_eq!(code(&o), 130, "{}", stderr(&o));
+    assert_eq!(ckpt_meta(&d.ckpt())["step"], 5);
+    let metrics = std::fs::read_to_string(d.join("ckpt/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 5, "{metrics}");
+    assert!(last["train_loss"].as_f64().is_some(), "{metrics}");
+}

@@ -112,8 +112,9 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
 }
 
 /// `wick.log{ key = value, ... }`: one JSON object in metrics.jsonl and a line on stderr.
+/// The row is written even when a stop is pending (it describes a completed step the
+/// checkpoint will hold); the stop is honoured right after.
 fn log(lua: &Lua, fields: Value) -> mlua::Result<()> {
-    check_stop()?;
     let table = opts::table_arg("wick.log", fields)?;
     let mut values = Vec::new();
     for pair in table.pairs::<String, Value>() {
@@ -129,7 +130,8 @@ fn log(lua: &Lua, fields: Value) -> mlua::Result<()> {
     if !c.opts.quiet {
         crate::host::progress::warn(&line);
     }
-    Ok(())
+    drop(c);
+    check_stop()
 }
 
 /// `wick.save([path])`: save now (reason `manual`).

@@ -4,7 +4,7 @@
 //! not know the bindings.
 
 use super::signals::{self, Interrupted};
-use mlua::{HookTriggers, Lua, VmState};
+use mlua::{HookTriggers, IntoLuaMulti, Lua, VmState};
 use std::path::Path;
 
 /// The embedded stdlib: `require("wick.schedule")` works with no files next to the recipe.
@@ -92,6 +92,7 @@ pub fn new_state(
     }
     lua.load(PRELUDE).set_name("@wick/prelude.lua").exec()?;
     install_os_exit(&lua)?;
+    install_os_execute(&lua)?;
     install_stop_hook(&lua)?;
     Ok(lua)
 }
@@ -120,6 +121,63 @@ fn install_os_exit(lua: &Lua) -> mlua::Result<()> {
             Err(mlua::Error::external(Interrupted))
         })?,
     )
+}
+
+/// `os.execute(cmd)` through C's `system()` ignores SIGINT in wick while the command runs, so
+/// a Ctrl+C sent to wick alone was lost. Here the command runs as a child that wick waits for
+/// with its handlers in place; a stop that arrives meanwhile is passed on to the command (as a
+/// terminal would) and honoured at the next boundary after it returns. Same results as Lua's:
+/// `true|nil, "exit"|"signal", code`.
+fn install_os_execute(lua: &Lua) -> mlua::Result<()> {
+    let os: mlua::Table = lua.globals().get("os")?;
+    os.set(
+        "execute",
+        lua.create_function(|lua, cmd: Option<String>| {
+            let Some(cmd) = cmd else {
+                // Lua's answer to "is there a shell?": one boolean.
+                let shell = std::path::Path::new("/bin/sh").exists();
+                return (shell,).into_lua_multi(lua);
+            };
+            // What Lua printed so far goes out before the command's own output.
+            // SAFETY: fflush(NULL) flushes every C stdio stream.
+            unsafe { libc::fflush(std::ptr::null_mut()) };
+            let mut child = match std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(_) => return (None::<bool>, "exit", 127).into_lua_multi(lua),
+            };
+            let status = wait_passing_stops(&mut child)?;
+            use std::os::unix::process::ExitStatusExt;
+            let (ok, how, code) = match (status.code(), status.signal()) {
+                (Some(0), _) => (Some(true), "exit", 0),
+                (Some(c), _) => (None, "exit", c),
+                (None, Some(sig)) => (None, "signal", sig),
+                _ => (None, "exit", 1),
+            };
+            (ok, how, code).into_lua_multi(lua)
+        })?,
+    )
+}
+
+/// Wait for `child`; a stop requested meanwhile is sent on to it once.
+fn wait_passing_stops(child: &mut std::process::Child) -> mlua::Result<std::process::ExitStatus> {
+    let mut passed_on = false;
+    loop {
+        if let Some(status) = child.try_wait().map_err(mlua::Error::external)? {
+            return Ok(status);
+        }
+        if signals::stop_requested() && !passed_on {
+            passed_on = true;
+            let sig = signals::received().unwrap_or(libc::SIGINT);
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, sig) };
+        }
+        // A child's exit has no fd to wait on here; 5 ms between looks costs nothing.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// The Lua heap limit in bytes (0: none), for messages.
