@@ -90,3 +90,23 @@ fn zero_counts_are_refused_by_name() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn bench_data_reports_the_pipeline_and_a_rare_subset_mixture_both_ways() {
+    let o = Command::new(wick_bin())
+        .current_dir(repo_root())
+        .args(["bench", "data"])
+        .output()
+        .unwrap();
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 1);
+    let r = &lines[0];
+    assert!(r["bytes_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    let mix = &r["rare_subset_mixture"];
+    assert_eq!(mix["files"], 11, "{r}");
+    for k in ["shared_parse_tokens_per_s", "parse_per_subset_tokens_per_s"] {
+        assert!(mix[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    // Every row of the corpus is parsed once through the shared parse.
+    assert_eq!(mix["shared_parse_rows_parsed"], 11 * 1500, "{r}");
+}

@@ -398,7 +398,95 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
             .mul_add(0.001, 0.0)
             .into();
     }
+    out["rare_subset_mixture"] = rare_subset_mixture()?;
     Ok(out)
+}
+
+/// A SlimPajama-layout corpus of 11 files where the upweighted subset is rare: one 21-character
+/// `RedPajamaBook` row among thousands of Github and C4 rows (the shape that made every subset
+/// stream re-read the corpus). Mixed Book=3, Github=1, C4=1, as a recipe would.
+fn rare_subset_mixture() -> Result<serde_json::Value, String> {
+    use crate::data::{Loader, LoaderSpec, SourceSpec, Tokenizer};
+    let dir = tempfile_dir()?;
+    let chunk = dir.join("train/chunk1");
+    std::fs::create_dir_all(&chunk).map_err(|e| e.to_string())?;
+    let mut rng = Rng::new(5);
+    for f in 0..11 {
+        let mut body = String::new();
+        for i in 0..1500 {
+            let subset = if f == 5 && i == 700 {
+                "RedPajamaBook"
+            } else if rng.next_f64() < 0.7 {
+                "RedPajamaGithub"
+            } else {
+                "RedPajamaC4"
+            };
+            let text = if subset == "RedPajamaBook" {
+                "A very short book..".to_string()
+            } else {
+                format!(
+                    "fn item_{i}() {{ return {}; }}",
+                    "x + 1; ".repeat(10 + i % 60)
+                )
+            };
+            body.push_str(
+                &serde_json::json!({"text": text, "meta": {"redpajama_set_name": subset}})
+                    .to_string(),
+            );
+            body.push('\n');
+        }
+        let bytes = zstd::encode_all(body.as_bytes(), 3).map_err(|e| e.to_string())?;
+        std::fs::write(chunk.join(format!("example_train_{f}.jsonl.zst")), bytes)
+            .map_err(|e| e.to_string())?;
+    }
+    let files = crate::data::slimpajama::discover(&dir, "train", None)?;
+    let mut result = serde_json::json!({ "files": files.len(), "mix": "Book=3,Github=1,C4=1" });
+    // The slow way gets fewer batches: its rate is what matters, not its total.
+    for (label, share, batches) in [("shared_parse", true, 100), ("parse_per_subset", false, 10)] {
+        crate::data::loader::share_subset_parses(share);
+        let sources = [
+            ("RedPajamaBook", 3.0),
+            ("RedPajamaGithub", 1.0),
+            ("RedPajamaC4", 1.0),
+        ]
+        .iter()
+        .map(|(s, w)| {
+            let mut spec = SourceSpec::plain(files.clone());
+            spec.subsets = Some(vec![s.to_string()]);
+            (s.to_string(), Arc::new(spec), *w)
+        })
+        .collect();
+        let lspec = LoaderSpec {
+            name: "bench".into(),
+            sources,
+            batch: 8,
+            seq_len: 128,
+            seed: 0,
+            prefetch: 8,
+        };
+        let mut loader = Loader::new(lspec, Arc::new(Tokenizer::Bytes), None);
+        let t0 = Instant::now();
+        for _ in 0..batches {
+            loader.next(&|| false).map_err(|e| match e {
+                crate::data::NextError::Data(m) => m,
+                crate::data::NextError::Interrupted => "interrupted".into(),
+            })?;
+        }
+        let s = t0.elapsed().as_secs_f64();
+        let rows = loader.stats_snapshot().rows;
+        result[format!("{label}_tokens_per_s")] = ((batches * 8 * 129) as f64 / s).round().into();
+        result[format!("{label}_rows_parsed")] = rows.into();
+    }
+    crate::data::loader::share_subset_parses(true);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(result)
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("wick-bench-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Run one training config in a fresh `wick bench train` process (so peak RSS is its own).

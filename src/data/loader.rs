@@ -5,6 +5,7 @@
 
 use super::source::{SourceSpec, StreamCursor};
 use super::stream::{pick_weighted, TokenStream};
+use super::subsets::SubsetGroup;
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use crate::train::Windows;
@@ -53,6 +54,9 @@ pub struct Loader {
     pub committed: LoaderCursor,
     rx: Option<Receiver<Produced>>,
     failed: Option<String>,
+    /// Shared parses of subset mixtures, kept across restarts (a new phase's mixture reads
+    /// the same files: nothing is parsed or reported twice).
+    groups: Vec<Group>,
     /// The first batches from the start, kept for repeatable evaluation.
     eval_cache: Vec<Windows>,
     pub wait_ms_total: f64,
@@ -77,13 +81,20 @@ impl Producer {
         tokenizer: &Arc<Tokenizer>,
         cursor: LoaderCursor,
         stats: &Arc<Mutex<DataStats>>,
+        groups: &[Group],
     ) -> Self {
         let streams = spec
             .sources
             .iter()
             .zip(cursor.streams.iter())
-            .map(|((_, s, _), c)| {
-                TokenStream::new(s.clone(), tokenizer.clone(), c.clone(), stats.clone())
+            .zip(groups.iter().cloned())
+            .map(|(((_, s, _), c), group)| {
+                let stream =
+                    TokenStream::new(s.clone(), tokenizer.clone(), c.clone(), stats.clone());
+                match group {
+                    Some((g, subset)) => stream.with_group(g, subset),
+                    None => stream,
+                }
             })
             .collect();
         Producer {
@@ -116,6 +127,69 @@ impl Producer {
     }
 }
 
+type Group = Option<(Arc<Mutex<SubsetGroup>>, String)>;
+
+/// Whether subset mixtures share one parse of their files (always, but for `wick bench data`,
+/// which measures both ways).
+static SHARE_SUBSET_PARSES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
+pub fn share_subset_parses(on: bool) {
+    SHARE_SUBSET_PARSES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Sources that read the same text files filtered to one subset each (a subset mixture) share
+/// one parse of the files; every other source reads on its own.
+fn subset_groups(
+    sources: &[(String, Arc<SourceSpec>, f64)],
+    stats: &Arc<Mutex<DataStats>>,
+) -> Vec<Group> {
+    let unfiltered = |s: &SourceSpec| {
+        let mut s = s.clone();
+        s.subsets = None;
+        s
+    };
+    let groupable = |s: &SourceSpec| {
+        s.subsets.as_ref().is_some_and(|l| l.len() == 1)
+            && !s.files.iter().any(|f| f.path.ends_with(".bin"))
+    };
+    let mut made: Vec<(SourceSpec, Arc<Mutex<SubsetGroup>>)> = Vec::new();
+    if !SHARE_SUBSET_PARSES.load(std::sync::atomic::Ordering::Relaxed) {
+        return vec![None; sources.len()];
+    }
+    sources
+        .iter()
+        .map(|(_, s, _)| {
+            if !groupable(s) {
+                return None;
+            }
+            let base = unfiltered(s);
+            let members: Vec<String> = sources
+                .iter()
+                .filter(|(_, o, _)| groupable(o) && unfiltered(o) == base)
+                .filter_map(|(_, o, _)| o.subsets.as_ref().and_then(|l| l.first().cloned()))
+                .collect();
+            if members.len() < 2 {
+                return None;
+            }
+            let subset = s.subsets.as_ref()?.first()?.clone();
+            let group = match made.iter().find(|(b, _)| *b == base) {
+                Some((_, g)) => g.clone(),
+                None => {
+                    let g = Arc::new(Mutex::new(SubsetGroup::new(
+                        base.clone(),
+                        members,
+                        stats.clone(),
+                    )));
+                    made.push((base, g.clone()));
+                    g
+                }
+            };
+            Some((group, subset))
+        })
+        .collect()
+}
+
 impl Loader {
     pub fn new(
         spec: LoaderSpec,
@@ -123,10 +197,13 @@ impl Loader {
         cursor: Option<LoaderCursor>,
     ) -> Loader {
         let start = cursor.unwrap_or_else(|| LoaderCursor::start(&spec));
+        let stats = Arc::new(Mutex::new(DataStats::default()));
+        let groups = subset_groups(&spec.sources, &stats);
         let mut loader = Loader {
+            groups,
             spec,
             tokenizer,
-            stats: Arc::new(Mutex::new(DataStats::default())),
+            stats,
             fetched: start.clone(),
             committed: start,
             rx: None,
@@ -146,6 +223,7 @@ impl Loader {
             &self.tokenizer,
             self.fetched.clone(),
             &self.stats,
+            &self.groups,
         );
         let name = format!("wick-data-{}", self.spec.name);
         let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
@@ -215,6 +293,7 @@ impl Loader {
                 &self.tokenizer,
                 LoaderCursor::start(&self.spec),
                 &stats,
+                &self.groups,
             );
             let mut batches = Vec::with_capacity(n);
             for _ in 0..n {

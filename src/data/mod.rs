@@ -7,6 +7,7 @@ pub mod shards;
 pub mod slimpajama;
 pub mod source;
 pub mod stream;
+pub mod subsets;
 pub mod tokenizer;
 pub mod train_tokenizer;
 

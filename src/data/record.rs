@@ -1,6 +1,7 @@
 //! A record: what any reader yields from a position — one JSON row, a block of lines of a
 //! text file, or one pre-tokenized document of a shard.
 
+#[derive(Clone)]
 pub struct Record {
     pub offset: u64,
     pub line: u64,
@@ -12,6 +13,7 @@ pub struct Record {
     pub subset: String,
 }
 
+#[derive(Clone)]
 pub enum Payload {
     Text(String),
     /// Pre-tokenized (from shards), end-of-document token included.

@@ -47,7 +47,7 @@ pub enum OnBad {
 }
 
 /// What a source reads and how. Plain data: it is compared on resume.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourceSpec {
     pub files: Vec<FileEntry>,
     /// JSON field that holds the text.
@@ -220,9 +220,15 @@ pub struct RecordReader {
     on_bad_row: OnBad,
     stats: Arc<Mutex<DataStats>>,
     buf: Vec<u8>,
+    /// Print no warnings (a second parse of rows already reported).
+    quiet: bool,
 }
 
 impl RecordReader {
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.quiet = quiet;
+    }
+
     pub fn open(
         spec: &SourceSpec,
         file: &FileEntry,
@@ -264,6 +270,7 @@ impl RecordReader {
             on_bad_row: spec.on_bad_row,
             stats,
             buf: Vec::new(),
+            quiet: false,
         })
     }
 
@@ -394,7 +401,7 @@ impl RecordReader {
         }
         let mut st = self.stats_mut();
         st.bad_rows += 1;
-        if st.examples.len() < 5 {
+        if st.examples.len() < 5 && !self.quiet {
             st.examples.push(msg.clone());
             drop(st);
             crate::host::progress::warn(&format!("skipped bad row {msg}"));

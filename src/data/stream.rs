@@ -5,6 +5,7 @@
 use super::record::{Payload, Records};
 use super::shards::ShardReader;
 use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL};
+use super::subsets::{GroupReader, SubsetGroup};
 use super::tokenizer::Tokenizer;
 use super::DataStats;
 use crate::util::rng::Rng;
@@ -12,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 pub struct TokenStream {
     spec: Arc<SourceSpec>,
+    /// For one subset of a mixture over shared files: the shared parse, and the subset.
+    group: Option<(Arc<Mutex<SubsetGroup>>, String)>,
     tokenizer: Arc<Tokenizer>,
     stats: Arc<Mutex<DataStats>>,
     pub cursor: StreamCursor,
@@ -35,6 +38,7 @@ impl TokenStream {
         let order = file_order(&spec, cursor.epoch);
         TokenStream {
             spec,
+            group: None,
             tokenizer,
             stats,
             cursor,
@@ -45,6 +49,12 @@ impl TokenStream {
             tokens_since_wrap: 0,
             wrapped: false,
         }
+    }
+
+    /// Read this subset's rows through `group`'s shared parse of the files.
+    pub fn with_group(mut self, group: Arc<Mutex<SubsetGroup>>, subset: String) -> Self {
+        self.group = Some((group, subset));
+        self
     }
 
     /// Append exactly `n` tokens to `out`, crossing records, files and epochs as needed.
@@ -72,14 +82,15 @@ impl TokenStream {
                 if self.cursor.file >= self.order.len() {
                     self.wrap_epoch()?;
                 }
-                let entry: &FileEntry = &self.spec.files[self.order[self.cursor.file]];
-                match open_records(
-                    &self.spec,
-                    entry,
-                    self.cursor.offset,
-                    self.cursor.line,
-                    self.stats.clone(),
-                ) {
+                let index = self.order[self.cursor.file];
+                let entry: &FileEntry = &self.spec.files[index];
+                let at = (self.cursor.offset, self.cursor.line);
+                let opened = match &self.group {
+                    Some((group, subset)) => GroupReader::open(group.clone(), index, subset, at)
+                        .map(|r| Box::new(r) as Box<dyn Records>),
+                    None => open_records(&self.spec, entry, at.0, at.1, self.stats.clone()),
+                };
+                match opened {
                     Ok(r) => self.reader = Some(r),
                     Err(e) => {
                         self.bad_file(e)?;
