@@ -37,6 +37,10 @@ pub struct RunSpec {
     pub dtype: String,
     pub seed: u64,
     pub save_every: Option<u64>,
+    /// A metrics row every N steps (0: none).
+    pub metrics_every: u64,
+    /// TensorBoard event files: None = `<ckpt-dir>/tb`, Some(None) = off.
+    pub tensorboard: Option<Option<PathBuf>>,
     /// The recipe (or test file) and its source: its directory is on the module path and its
     /// hash is compared on resume.
     pub recipe: Option<(PathBuf, String)>,
@@ -64,6 +68,8 @@ impl RunSpec {
             dtype: "f32".into(),
             seed: 1337,
             save_every: None,
+            metrics_every: 1,
+            tensorboard: None,
             recipe: None,
             resume: Resume::No,
             strict: false,
@@ -174,6 +180,11 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
         seed: spec.seed,
         compute,
         save_every: spec.save_every,
+        metrics_every: spec.metrics_every,
+        tensorboard: match &spec.tensorboard {
+            None => Some(spec.ckpt_dir.join("tb")),
+            Some(dir) => dir.clone(),
+        },
         recipe: spec.recipe.as_ref().map(|(p, _)| p.clone()),
         recipe_hash: hash,
         args: spec.args.clone(),

@@ -315,7 +315,8 @@ fn slimpajama_recipe_quick_mode_trains_and_logs() {
     let metrics = std::fs::read_to_string(d.join("ckpt/metrics.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = metrics
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "log")
         .collect();
     assert_eq!(rows.len(), 3);
     assert!(rows
@@ -334,11 +335,7 @@ fn slimpajama_recipe_quick_mode_trains_and_logs() {
     let png = std::fs::read(d.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(png.len() > 10_000);
-    assert!(
-        stderr(&o).contains("train_loss, val_loss, lr"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("3 validation"), "{}", stderr(&o));
     d.write("empty.jsonl", "{\"note\": 1}\n");
     let o = Command::new(wick_bin())
         .current_dir(d.path())

@@ -49,6 +49,13 @@ pub struct RunArgs {
     /// "not enough memory", a script error that still saves. Default: a quarter of RAM.
     #[arg(long, value_name = "SIZE", value_parser = crate::setup::parse_size)]
     pub lua_memory: Option<usize>,
+    /// A row in metrics.jsonl (and TensorBoard) every N training steps; 0: only the recipe's
+    /// wick.log rows.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub metrics_every: u64,
+    /// Directory for TensorBoard event files (default <ckpt-dir>/tb; "off" for none).
+    #[arg(long, value_name = "DIR")]
+    pub tensorboard: Option<String>,
     /// Where the state goes if the checkpoint directory cannot take the final save (disk
     /// full, no permission). Default: $XDG_STATE_HOME/wick/rescue (~/.local/state/wick/rescue).
     #[arg(long, value_name = "DIR")]
@@ -134,11 +141,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Plot train/validation loss and lr from a metrics.jsonl.
+    /// Plot training loss (with its moving average), validation points, lr and tokens/s from
+    /// metrics.jsonl files; several files are overlaid.
     Plot {
-        metrics: PathBuf,
+        /// One or more metrics.jsonl files (several: overlaid, one colour each).
+        #[arg(required = true)]
+        metrics: Vec<PathBuf>,
+        /// Output file: .png or .svg.
         #[arg(short, long, default_value = "loss.png")]
         out: PathBuf,
+        /// Weight of the exponential moving average drawn over the training loss (0: none).
+        #[arg(long, default_value_t = 0.9)]
+        smooth: f64,
     },
     /// Data tools.
     Data {
@@ -172,6 +186,11 @@ impl RunArgs {
             dtype: self.dtype.clone(),
             seed: self.seed,
             save_every: self.save_every,
+            metrics_every: self.metrics_every,
+            tensorboard: self.tensorboard.as_ref().map(|t| match t.as_str() {
+                "off" | "none" => None,
+                dir => Some(PathBuf::from(dir)),
+            }),
             lua_memory: self
                 .lua_memory
                 .unwrap_or_else(crate::setup::default_lua_memory),
@@ -260,7 +279,11 @@ pub fn dispatch(command: Command) -> Result<i32> {
             },
             &result,
         ),
-        Command::Plot { metrics, out } => plot::run(&metrics, &out),
+        Command::Plot {
+            metrics,
+            out,
+            smooth,
+        } => plot::run(&metrics, &out, smooth),
         Command::Data { what } => data::run(what),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Bench { what } => bench::run(what),

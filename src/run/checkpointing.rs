@@ -148,6 +148,8 @@ pub fn save(
     if path.is_none() {
         keep_earlier_run(ctx, &target);
     }
+    // The metrics rows of the steps this checkpoint holds reach the disk first.
+    super::metrics::flush(ctx);
     crate::host::signals::set_saving(true);
     let result = ckpt::save(&target, &mut meta, &tensors);
     crate::host::signals::set_saving(false);

@@ -7,7 +7,6 @@ use crate::data::Loader;
 use crate::device::Compute;
 
 use crate::train::Session;
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,6 +17,10 @@ pub struct RunOptions {
     /// Device and compute dtype (`--device`, `--dtype`).
     pub compute: Compute,
     pub save_every: Option<u64>,
+    /// A metrics row every N steps (0: none; `--metrics-every`).
+    pub metrics_every: u64,
+    /// Where TensorBoard event files go (None: not written).
+    pub tensorboard: Option<PathBuf>,
     pub recipe: Option<PathBuf>,
     pub recipe_hash: Option<String>,
     pub args: Vec<String>,
@@ -43,7 +46,11 @@ pub struct RunContext {
     pub saved_step: u64,
     /// The existing file at ckpt_path was already set aside (or did not need to be).
     pub prev_handled: bool,
-    pub metrics: Option<File>,
+    pub metrics: Option<super::metrics::MetricsSink>,
+    /// Training loss of every step this process ran (the closing sparkline).
+    pub loss_history: Vec<f32>,
+    /// When this process's run began (elapsed seconds in metrics).
+    pub started: std::time::Instant,
     /// Set when training diverged: the final checkpoint must not overwrite the good one.
     pub diverged: bool,
     /// For tokens/s on the progress line.
@@ -72,6 +79,8 @@ impl RunContext {
             saved_step,
             prev_handled: false,
             metrics: None,
+            loss_history: Vec::new(),
+            started: std::time::Instant::now(),
             diverged: false,
             loop_clock: None,
             step_ms_total: 0.0,

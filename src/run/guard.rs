@@ -202,6 +202,12 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
         );
         return code;
     }
+    super::metrics::flush(&mut ctx);
+    if !ctx.opts.quiet {
+        if let Some(line) = super::metrics::sparkline(&ctx.loss_history, 50) {
+            crate::errln!("wick: loss {line} ({} steps)", ctx.loss_history.len());
+        }
+    }
     if ctx.step_ms_total > 0.0 && !ctx.opts.quiet {
         let (pct, ms) = ctx.data_wait();
         crate::errln!(

@@ -11,5 +11,6 @@ pub mod lock;
 pub mod metrics;
 pub mod resume;
 pub mod step;
+pub mod tensorboard;
 
 pub use context::{RunContext, RunOptions, SharedContext};

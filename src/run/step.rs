@@ -37,11 +37,20 @@ pub fn train(
     lock(ctx).step_ms_total += started.elapsed().as_secs_f64() * 1e3;
     match result {
         Ok(loss) => {
-            let (step, lr, tokens) = {
+            let (step, lr, tokens, grad_norm) = {
                 let s = lock_session(session)?;
-                (s.step, s.lr, s.tokens_seen)
+                (s.step, s.lr, s.tokens_seen, s.last_grad_norm)
             };
-            show_progress(ctx, started, (step, loss, lr, tokens, step_tokens));
+            let tokens_per_s = show_progress(ctx, started, (step, loss, lr, tokens, step_tokens));
+            let row = super::metrics::StepRow {
+                step,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                tokens_seen: tokens,
+            };
+            super::metrics::step(&mut lock(ctx), &row)?;
             let save_every = lock(ctx).opts.save_every;
             if save_every.is_some_and(|n| n > 0 && step % n == 0) {
                 let state = state();
@@ -73,11 +82,12 @@ pub fn train(
 }
 
 /// The progress line: loss, lr, tokens/s since the loop began, bad rows skipped so far.
+/// Returns the tokens/s.
 fn show_progress(
     ctx: &SharedContext,
     step_started: Instant,
     (step, loss, lr, tokens, step_tokens): (u64, f64, f64, u64, u64),
-) {
+) -> f64 {
     let mut c = lock(ctx);
     let (t0, tokens0) = *c
         .loop_clock
@@ -95,6 +105,7 @@ fn show_progress(
         String::new()
     };
     progress::update(step, loss, lr, tps, &extra);
+    tps
 }
 
 /// Mean loss over the next `n` batches of `loader`, changing no training state.
