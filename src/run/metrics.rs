@@ -150,7 +150,7 @@ impl MetricsSink {
 pub fn step(ctx: &mut RunContext, r: &StepRow) -> Result<()> {
     ctx.loss_history.push(r.loss as f32);
     let every = ctx.opts.metrics_every;
-    if every == 0 || r.step % every != 0 {
+    if every == 0 || !r.step.is_multiple_of(every) {
         return Ok(());
     }
     let elapsed = ctx.started.elapsed().as_secs_f64();
