@@ -49,6 +49,8 @@ pub struct RunContext {
     pub metrics: Option<super::metrics::MetricsSink>,
     /// Training loss of every step this process ran (the closing sparkline).
     pub loss_history: Vec<f32>,
+    /// metrics.jsonl could not be opened (said once; training goes on).
+    pub metrics_unavailable: bool,
     /// When this process's run began (elapsed seconds in metrics).
     pub started: std::time::Instant,
     /// Set when training diverged: the final checkpoint must not overwrite the good one.
@@ -80,6 +82,7 @@ impl RunContext {
             prev_handled: false,
             metrics: None,
             loss_history: Vec::new(),
+            metrics_unavailable: false,
             started: std::time::Instant::now(),
             diverged: false,
             loop_clock: None,

@@ -32,6 +32,8 @@ pub struct MetricsSink {
     step_rows: u64,
     first_step_row: Option<Instant>,
     thinned: bool,
+    /// A write failed (said once).
+    write_failed: bool,
     tensorboard: Option<EventWriter>,
 }
 
@@ -109,28 +111,45 @@ fn open(ctx: &RunContext) -> Result<MetricsSink> {
         step_rows: 0,
         first_step_row: None,
         thinned: false,
+        write_failed: false,
         tensorboard,
     })
 }
 
-fn sink(ctx: &mut RunContext) -> Result<&mut MetricsSink> {
-    if ctx.metrics.is_none() {
-        ctx.metrics = Some(open(ctx)?);
+/// The open sink; None when metrics cannot be written (said once: metrics never stop a run).
+fn sink(ctx: &mut RunContext) -> Option<&mut MetricsSink> {
+    if ctx.metrics.is_none() && !ctx.metrics_unavailable {
+        match open(ctx) {
+            Ok(s) => ctx.metrics = Some(s),
+            Err(e) => {
+                ctx.metrics_unavailable = true;
+                crate::host::progress::warn(&format!(
+                    "warning: {e}; training goes on without metrics"
+                ));
+            }
+        }
     }
-    ctx.metrics
-        .as_mut()
-        .ok_or_else(|| Error::failed("metrics output is not open"))
+    ctx.metrics.as_mut()
 }
 
 impl MetricsSink {
-    fn write_row(&mut self, row: &serde_json::Value) -> Result<()> {
-        let line = serde_json::to_string(row).map_err(|e| Error::failed(e.to_string()))?;
-        writeln!(self.out, "{line}")
-            .map_err(|e| Error::failed(format!("cannot write {}: {e}", self.path.display())))?;
+    fn write_row(&mut self, row: &serde_json::Value) {
+        if let Err(e) = writeln!(self.out, "{row}") {
+            self.failed(&e);
+        }
         if self.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush();
         }
-        Ok(())
+    }
+
+    fn failed(&mut self, e: &std::io::Error) {
+        if !self.write_failed {
+            self.write_failed = true;
+            crate::host::progress::warn(&format!(
+                "warning: cannot write {}: {e}; training goes on",
+                self.path.display()
+            ));
+        }
     }
 
     /// Push buffered rows and events to disk (errors are said, not fatal: metrics never decide
@@ -138,7 +157,7 @@ impl MetricsSink {
     pub fn flush(&mut self) {
         self.last_flush = Instant::now();
         if let Err(e) = self.out.flush() {
-            crate::host::progress::warn(&format!("cannot write {}: {e}", self.path.display()));
+            self.failed(&e);
         }
         if let Some(tb) = self.tensorboard.as_mut() {
             let _ = tb.flush();
@@ -147,14 +166,14 @@ impl MetricsSink {
 }
 
 /// The per-step row (and TensorBoard scalars), unless thinned or switched off.
-pub fn step(ctx: &mut RunContext, r: &StepRow) -> Result<()> {
+pub fn step(ctx: &mut RunContext, r: &StepRow) {
     ctx.loss_history.push(r.loss as f32);
     let every = ctx.opts.metrics_every;
     if every == 0 || !r.step.is_multiple_of(every) {
-        return Ok(());
+        return;
     }
     let elapsed = ctx.started.elapsed().as_secs_f64();
-    let s = sink(ctx)?;
+    let Some(s) = sink(ctx) else { return };
     let since_first = s
         .first_step_row
         .get_or_insert_with(Instant::now)
@@ -167,9 +186,9 @@ pub fn step(ctx: &mut RunContext, r: &StepRow) -> Result<()> {
                 "kind": "note",
                 "step": r.step,
                 "note": format!("steps are faster than {MAX_STEP_ROWS_PER_S} a second: step rows are thinned to that rate from here on"),
-            }))?;
+            }));
         }
-        return Ok(());
+        return;
     }
     s.step_rows += 1;
     let mut row = serde_json::json!({
@@ -184,7 +203,7 @@ pub fn step(ctx: &mut RunContext, r: &StepRow) -> Result<()> {
     if let Some(g) = r.grad_norm {
         row["grad_norm"] = g.into();
     }
-    s.write_row(&row)?;
+    s.write_row(&row);
     if let Some(tb) = s.tensorboard.as_mut() {
         let mut scalars = vec![
             ("train/loss", r.loss as f32),
@@ -196,7 +215,6 @@ pub fn step(ctx: &mut RunContext, r: &StepRow) -> Result<()> {
         }
         let _ = tb.scalars(r.step, &scalars);
     }
-    Ok(())
 }
 
 /// A row for the recipe's `fields` at the session's current step: step, lr, tokens and loss
@@ -240,11 +258,12 @@ pub fn log(
     row.insert("time".into(), crate::ckpt::meta::now_unix().into());
     let row = serde_json::Value::Object(row);
     let step = row.get("step").and_then(|s| s.as_u64());
-    let s = sink(ctx)?;
-    s.write_row(&row)?;
-    if let (Some(step), Some(tb)) = (step, s.tensorboard.as_mut()) {
-        let tagged: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        let _ = tb.scalars(step, &tagged);
+    if let Some(s) = sink(ctx) {
+        s.write_row(&row);
+        if let (Some(step), Some(tb)) = (step, s.tensorboard.as_mut()) {
+            let tagged: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            let _ = tb.scalars(step, &tagged);
+        }
     }
     shown.sort();
     let step = step.map(|s| s.to_string()).unwrap_or_else(|| "-".into());

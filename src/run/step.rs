@@ -50,7 +50,7 @@ pub fn train(
                 tokens_per_s,
                 tokens_seen: tokens,
             };
-            super::metrics::step(&mut lock(ctx), &row)?;
+            super::metrics::step(&mut lock(ctx), &row);
             let save_every = lock(ctx).opts.save_every;
             if save_every.is_some_and(|n| n > 0 && step % n == 0) {
                 let state = state();
