@@ -17,12 +17,13 @@ fn tiny_recipe_trains_on_the_shipped_sample() {
     let metrics = std::fs::read_to_string(d.join("ckpt/metrics.jsonl")).unwrap();
     let val: Vec<f64> = metrics
         .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"]
-                .as_f64()
-                .unwrap()
-        })
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64())
         .collect();
+    let steps = metrics
+        .lines()
+        .filter(|l| l.contains(r#""kind":"step""#))
+        .count();
+    assert_eq!(steps, 60, "a metrics row per step");
     assert!(val[0] > 5.0, "starts near ln 257: {val:?}");
     assert!(*val.last().unwrap() < 3.2, "falls within 60 steps: {val:?}");
     assert!(

@@ -56,15 +56,21 @@ fn setup() -> Dir {
     d
 }
 
-/// Final losses by step from metrics.jsonl (a resumed run appends; the last row of a step wins).
+/// Losses by step from the host's per-step rows in metrics.jsonl (a resumed run first drops
+/// the rows past its checkpoint, so each step appears once).
 fn losses(d: &Dir) -> BTreeMap<u64, u64> {
     let text = std::fs::read_to_string(d.join("ckpt/metrics.jsonl")).unwrap();
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        out.insert(
-            v["step"].as_u64().unwrap(),
-            v["train_loss"].as_f64().unwrap().to_bits(),
+        if v["kind"] != "step" {
+            continue;
+        }
+        let step = v["step"].as_u64().unwrap();
+        let loss = v["loss"].as_f64().unwrap().to_bits();
+        assert!(
+            out.insert(step, loss).is_none(),
+            "step {step} twice:\n{text}"
         );
     }
     out
@@ -95,8 +101,7 @@ fn assert_same(d: &Dir, reference: &(BTreeMap<String, Vec<u8>>, BTreeMap<u64, u6
             "{what}: tensor {name} differs from the straight run"
         );
     }
-    // Every loss logged (before or after the resume) equals the straight run's at that step;
-    // only a step whose log call was cut short by the stop may be missing.
+    // Every step's loss (before or after the resume) equals the straight run's, once each.
     let got = losses(d);
     for (step, bits) in &got {
         assert_eq!(
@@ -105,8 +110,9 @@ fn assert_same(d: &Dir, reference: &(BTreeMap<String, Vec<u8>>, BTreeMap<u64, u6
             "{what}: loss at step {step} differs"
         );
     }
-    assert!(
-        got.len() + 1 >= reference.1.len(),
+    assert_eq!(
+        got.len(),
+        reference.1.len(),
         "{what}: losses missing: {got:?}"
     );
 }
