@@ -137,6 +137,14 @@ wick.data = {}
 ---@field on_bad_file? "skip"|"error" Unreadable or corrupt files: an error (default) or skipped.
 ---@field subsets? string[] Keep only these `meta.redpajama_set_name` subsets.
 ---@field name? string
+---@field filter? (fun(doc: wick.Doc): boolean)|string Keep a document when true; runs on the data thread in its own Lua state: a function using only globals, or "module.function" (found next to the recipe).
+---@field map? (fun(doc: wick.Doc): string|nil)|string The document's new text (nil drops it); same rules as `filter`.
+
+---@class wick.Doc
+---@field text string
+---@field subset string SlimPajama subset (`unknown` when none).
+---@field meta table|nil The row's `meta`.
+---@field source string "file:line".
 
 --- `.jsonl` / `.jsonl.zst` files (directories are searched recursively, sorted naturally).
 ---@param opts wick.SourceOptions|string
@@ -155,9 +163,23 @@ function wick.data.files(opts) end
 
 --- SlimPajama layout: {root}/{split}/chunk{N}/example_{train|holdout}_{i}.jsonl.zst.
 --- With `mix`, one stream per subset mixed by weight (0 drops a subset).
----@param opts {root?: string, split?: "train"|"validation"|"test", chunks?: integer[], subsets?: string[], mix?: table<string, number>, shuffle?: boolean, seed?: integer, on_bad_row?: string, on_bad_file?: string}
+---@param opts {root?: string, split?: "train"|"validation"|"test", chunks?: integer[], subsets?: string[], mix?: table<string, number>, shuffle?: boolean, seed?: integer, on_bad_row?: string, on_bad_file?: string, filter?: function|string, map?: function|string}
 ---@return wick.Source|wick.Mix
 function wick.data.slimpajama(opts) end
+
+--- A batch from Lua values: rows of seq_len + 1 token ids (all the same length), for
+--- session:step and synthetic tasks. Ids must be inside the model's vocabulary.
+---@param rows integer[][]
+---@return wick.Batch
+function wick.data.batch(rows) end
+
+--- A source written in Lua. `next()` returns a document's text or a list of token ids, nil at
+--- the end of an epoch. It runs on the training thread when its loader is asked for a batch.
+--- `state()` (plain data) and `restore(s)` make exact resume (and evaluation) possible;
+--- without them, --resume is refused.
+---@param opts {next: fun(): string|integer[]|nil, state?: fun(): any, restore?: fun(s: any), name?: string}
+---@return wick.Source
+function wick.data.lua(opts) end
 
 --- A weighted mixture of sources, sampled per sequence from a seeded RNG.
 ---@param parts {source: wick.Source, weight: number}[]
@@ -181,6 +203,7 @@ function wick.data.loader(opts) end
 ---@field seq_len integer
 ---@field rows integer Rows read so far.
 ---@field bad_rows integer Rows skipped as bad.
+---@field filtered integer Documents a Lua filter or map dropped.
 local Loader = {}
 
 --- The next batch.

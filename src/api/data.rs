@@ -116,6 +116,13 @@ impl UserData for LoaderHandle {
                 .map(|l| l.stats_snapshot().bad_rows)
                 .unwrap_or(0))
         });
+        fields.add_field_method_get("filtered", |_, this| {
+            Ok(this
+                .0
+                .lock()
+                .map(|l| l.stats_snapshot().filtered)
+                .unwrap_or(0))
+        });
         fields.add_field_method_get("rows", |_, this| {
             Ok(this.0.lock().map(|l| l.stats_snapshot().rows).unwrap_or(0))
         });
@@ -236,6 +243,8 @@ const SOURCE_KEYS: &[&str] = &[
     "subsets",
     "name",
     "files",
+    "filter",
+    "map",
 ];
 
 /// `f("path")` means `f{ "path" }`.
@@ -290,6 +299,7 @@ fn make_source(lua: &Lua, func: &'static str, options: Value) -> mlua::Result<So
         on_bad_file: on_bad(&o, "on_bad_file")?,
         subsets: o.strings("subsets")?,
         shard_tokenizer: None,
+        transforms: super::lua_data::transforms(lua, func, &o, seed)?,
     };
     let name = o.string("name")?.unwrap_or_else(|| paths.join(","));
     Ok(SourceHandle {
@@ -312,6 +322,8 @@ const LOADER_KEYS: &[&str] = &[
 
 pub fn table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
+    t.set("batch", lua.create_function(super::lua_data::batch)?)?;
+    t.set("lua", lua.create_function(super::lua_data::lua_source)?)?;
     t.set(
         "files",
         lua.create_function(|lua, o: Value| make_source(lua, "wick.data.files", o))?,
@@ -384,9 +396,17 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
         LOADER_KEYS,
         false,
     )?;
+    let mut lua_source = None;
     let sources = match o.value("source")? {
         Value::UserData(ud) => {
-            if let Ok(s) = ud.borrow::<SourceHandle>() {
+            if let Ok(l) = ud.borrow::<super::lua_data::LuaSourceHandle>() {
+                lua_source = Some(l.0.clone());
+                vec![(
+                    l.0.name.clone(),
+                    Arc::new(SourceSpec::plain(Vec::new())),
+                    1.0,
+                )]
+            } else if let Ok(s) = ud.borrow::<SourceHandle>() {
                 vec![(s.name.clone(), s.spec.clone(), 1.0)]
             } else if let Ok(m) = ud.borrow::<MixHandle>() {
                 m.0.clone()
@@ -466,7 +486,20 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
         }
         None => None,
     };
-    let loader = Arc::new(Mutex::new(Loader::new(spec, tokenizer, cursor)));
+    let loader = match lua_source {
+        Some(src) => {
+            if cursor.is_some() && !src.resumable() {
+                return Err(crate::Error::usage(format!(
+                    "loader '{name}' reads Lua source {} without state() and restore(s) functions, so it cannot continue where the checkpoint stopped; give the source both functions, or run without --resume",
+                    src.name
+                ))
+                .into());
+            }
+            Loader::from_lua(spec, src, tokenizer, cursor)
+        }
+        None => Loader::new(spec, tokenizer, cursor),
+    };
+    let loader = Arc::new(Mutex::new(loader));
     // A new loader under an earlier one's name takes its place in checkpoints.
     c.loaders.retain(|(n, _)| *n != name);
     c.loaders.push((name, loader.clone()));
@@ -483,6 +516,8 @@ const SLIMPAJAMA_KEYS: &[&str] = &[
     "seed",
     "on_bad_row",
     "on_bad_file",
+    "filter",
+    "map",
 ];
 
 fn subset_name(name: &str) -> mlua::Result<String> {
@@ -546,6 +581,7 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
         on_bad_file: on_bad(&o, "on_bad_file")?,
         subsets,
         shard_tokenizer: None,
+        transforms: super::lua_data::transforms(lua, "wick.data.slimpajama", &o, seed)?,
     };
     let name = format!("{root}/{split}");
     by_subset(lua, "wick.data.slimpajama", name, base, o.value("mix")?)
@@ -649,6 +685,7 @@ fn shards(lua: &Lua, options: Value) -> mlua::Result<Value> {
         on_bad_file: OnBad::Error,
         subsets,
         shard_tokenizer: Some(index.tokenizer),
+        transforms: None,
     };
     by_subset(lua, "wick.data.shards", dir.clone(), base, o.value("mix")?)
 }

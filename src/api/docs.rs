@@ -123,6 +123,8 @@ mod tests {
             "wick.model",
             "wick.session",
             "wick.data.loader",
+            "wick.data.batch",
+            "wick.data.lua",
             "wick.log",
             "wick.save",
             "Model:generate",

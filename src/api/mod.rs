@@ -3,6 +3,7 @@
 
 mod data;
 pub mod docs;
+mod lua_data;
 mod model;
 pub mod opts;
 mod session;

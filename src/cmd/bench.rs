@@ -362,12 +362,37 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
         "decompressed_mb": (raw_bytes as f64 / 1e6 * 10.0).round() / 10.0,
         "raw_decompress_mb_s": (raw_bytes as f64 / 1e6 / raw_s).round(),
     });
-    let mut toks: Vec<(String, Tokenizer)> = vec![("bytes".into(), Tokenizer::Bytes)];
+    // A trivial Lua filter on the data thread (issue: it must keep >= 50 % of the speed).
+    let filter = {
+        let lua = mlua::Lua::new();
+        let f: mlua::Function = lua
+            .load("return function(doc) return #doc.text > 200 end")
+            .set_name("=bench-filter")
+            .eval()
+            .map_err(|e| e.to_string())?;
+        crate::data::transform::LuaCode::Bytecode {
+            name: "=bench-filter".into(),
+            code: f.dump(false),
+        }
+    };
+    let filtered = Arc::new(crate::data::transform::Transforms {
+        filter: Some(filter),
+        map: None,
+        module_dirs: Vec::new(),
+        seed: 0,
+    });
+    let mut toks: Vec<(String, Tokenizer, bool)> = vec![
+        ("bytes".into(), Tokenizer::Bytes, false),
+        ("bytes_lua_filter".into(), Tokenizer::Bytes, true),
+    ];
     if let Some(p) = tokenizer {
-        toks.push(("bpe".into(), Tokenizer::load(p)?));
+        toks.push(("bpe".into(), Tokenizer::load(p)?, false));
     }
-    for (label, tok) in toks {
-        let spec = SourceSpec::plain(files.clone());
+    for (label, tok, filter) in toks {
+        let mut spec = SourceSpec::plain(files.clone());
+        if filter {
+            spec.transforms = Some(filtered.clone());
+        }
         let lspec = LoaderSpec {
             name: "bench".into(),
             sources: vec![("bench".into(), Arc::new(spec), 1.0)],

@@ -3,6 +3,7 @@
 //! training step uses a batch, its cursor is committed: that — not how far the thread has read
 //! ahead, nor a batch fetched but never trained on — is what a checkpoint saves.
 
+use super::lua_source::{FeedError, LuaFeed, LuaSource};
 use super::source::{SourceSpec, StreamCursor};
 use super::stream::{pick_weighted, TokenStream};
 use super::subsets::SubsetGroup;
@@ -54,6 +55,10 @@ pub struct Loader {
     pub committed: LoaderCursor,
     rx: Option<Receiver<Produced>>,
     failed: Option<String>,
+    /// A source written in Lua: batches are made on the calling thread (see lua_source.rs).
+    lua_feed: Option<LuaFeed>,
+    /// Where a Lua source starts (for evaluation from its beginning).
+    start_state: Option<StreamCursor>,
     /// Shared parses of subset mixtures, kept across restarts (a new phase's mixture reads
     /// the same files: nothing is parsed or reported twice).
     groups: Vec<Group>,
@@ -200,6 +205,8 @@ impl Loader {
         let stats = Arc::new(Mutex::new(DataStats::default()));
         let groups = subset_groups(&spec.sources, &stats);
         let mut loader = Loader {
+            lua_feed: None,
+            start_state: None,
             groups,
             spec,
             tokenizer,
@@ -215,8 +222,66 @@ impl Loader {
         loader
     }
 
+    /// A loader over a source written in Lua (its only source).
+    pub fn from_lua(
+        spec: LoaderSpec,
+        source: LuaSource,
+        tokenizer: Arc<Tokenizer>,
+        cursor: Option<LoaderCursor>,
+    ) -> Loader {
+        let start = cursor.unwrap_or_else(|| LoaderCursor::start(&spec));
+        let stream = start.streams.first().cloned().unwrap_or_default();
+        // The source as the recipe made it, before any restore: its beginning.
+        let start_state = source.initial_cursor();
+        Loader {
+            start_state,
+            lua_feed: Some(LuaFeed::new(source, tokenizer.clone(), stream)),
+            groups: Vec::new(),
+            spec,
+            tokenizer,
+            stats: Arc::new(Mutex::new(DataStats::default())),
+            fetched: start.clone(),
+            committed: start,
+            rx: None,
+            failed: None,
+            eval_cache: Vec::new(),
+            wait_ms_total: 0.0,
+        }
+    }
+
+    /// The next batch from a Lua source, made here and now.
+    fn next_from_lua(&mut self) -> Result<(Windows, LoaderCursor), NextError> {
+        let (batch, width) = (self.spec.batch, self.spec.seq_len + 1);
+        let feed = self
+            .lua_feed
+            .as_mut()
+            .ok_or_else(|| NextError::Data("no Lua source".into()))?;
+        let mut tokens = Vec::with_capacity(batch * width);
+        for _ in 0..batch {
+            feed.take(width, &mut tokens).map_err(|e| match e {
+                FeedError::Interrupted => NextError::Interrupted,
+                FeedError::Failed(m) => NextError::Data(m),
+            })?;
+        }
+        let mut cursor = self.fetched.clone();
+        cursor.streams = vec![feed.cursor.clone()];
+        cursor.batches += 1;
+        self.fetched = cursor.clone();
+        Ok((
+            Windows {
+                tokens,
+                batch,
+                width,
+            },
+            cursor,
+        ))
+    }
+
     /// (Re)start the background thread from the fetched cursor.
     fn restart(&mut self) {
+        if self.lua_feed.is_some() {
+            return; // no thread: batches are made on demand
+        }
         let (tx, rx) = sync_channel::<Produced>(self.spec.prefetch.max(1));
         let mut producer = Producer::new(
             &self.spec,
@@ -248,6 +313,9 @@ impl Loader {
     ) -> Result<(Windows, LoaderCursor), NextError> {
         if let Some(e) = &self.failed {
             return Err(NextError::Data(e.clone()));
+        }
+        if self.lua_feed.is_some() {
+            return self.next_from_lua();
         }
         let t0 = Instant::now();
         let rx = match &self.rx {
@@ -285,6 +353,9 @@ impl Loader {
         n: usize,
         should_stop: &dyn Fn() -> bool,
     ) -> Result<Vec<Windows>, NextError> {
+        if self.eval_cache.len() < n && self.lua_feed.is_some() {
+            self.eval_cache = self.eval_from_lua(n)?;
+        }
         if self.eval_cache.len() < n {
             // Its own counters: rows read for evaluation are not rows of training data.
             let stats = Arc::new(Mutex::new(DataStats::default()));
@@ -310,6 +381,45 @@ impl Loader {
 }
 
 impl Loader {
+    /// The first `n` batches of a Lua source from its start: the source is restored to its
+    /// first state, read, and put back where training left it.
+    fn eval_from_lua(&mut self, n: usize) -> Result<Vec<Windows>, NextError> {
+        let failed = |e| match e {
+            FeedError::Interrupted => NextError::Interrupted,
+            FeedError::Failed(m) => NextError::Data(m),
+        };
+        let feed = self
+            .lua_feed
+            .as_mut()
+            .ok_or_else(|| NextError::Data("no Lua source".into()))?;
+        if !feed.source.resumable() {
+            return Err(NextError::Data(format!(
+                "evaluating on Lua source {} needs its state() and restore(s) functions (to read it from the start without losing the training position)",
+                feed.source.name
+            )));
+        }
+        let here = feed.cursor.clone();
+        let start = self.start_state.clone().ok_or_else(|| {
+            NextError::Data("the Lua source's first state was not recorded".into())
+        })?;
+        let (batch, width) = (self.spec.batch, self.spec.seq_len + 1);
+        feed.reposition(start).map_err(failed)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut tokens = Vec::with_capacity(batch * width);
+            for _ in 0..batch {
+                feed.take(width, &mut tokens).map_err(failed)?;
+            }
+            out.push(Windows {
+                tokens,
+                batch,
+                width,
+            });
+        }
+        feed.reposition(here).map_err(failed)?;
+        Ok(out)
+    }
+
     pub fn stats_snapshot(&self) -> DataStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }

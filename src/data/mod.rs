@@ -2,6 +2,7 @@
 //! background loader that packs batches. Lua never sees per-token work.
 
 pub mod loader;
+pub mod lua_source;
 pub mod record;
 pub mod shards;
 pub mod slimpajama;
@@ -10,6 +11,7 @@ pub mod stream;
 pub mod subsets;
 pub mod tokenizer;
 pub mod train_tokenizer;
+pub mod transform;
 
 pub use loader::{Loader, LoaderCursor, LoaderSpec, NextError};
 pub use source::{FileEntry, OnBad, SourceSpec};
@@ -24,6 +26,8 @@ pub struct DataStats {
     pub bad_rows: u64,
     pub empty_rows: u64,
     pub bad_files: u64,
+    /// Documents a Lua filter or map dropped.
+    pub filtered: u64,
     /// The first few bad rows, as file:line: reason.
     pub examples: Vec<String>,
 }

@@ -11,6 +11,8 @@ pub struct Record {
     /// The subset the row belongs to (SlimPajama's `meta.redpajama_set_name`; `unknown` when it
     /// has none).
     pub subset: String,
+    /// The row's `meta` (kept only when a Lua filter or map may read it).
+    pub meta: Option<serde_json::Value>,
 }
 
 #[derive(Clone)]

@@ -309,6 +309,7 @@ impl Records for ShardReader {
                     .get(subset as usize)
                     .cloned()
                     .unwrap_or_else(|| "unknown".into()),
+                meta: None,
             }));
         }
     }

@@ -62,6 +62,9 @@ pub struct SourceSpec {
     /// For token shards: the identity of the tokenizer they were prepared with.
     #[serde(default)]
     pub shard_tokenizer: Option<String>,
+    /// Per-document Lua `filter`/`map` (run on the data thread).
+    #[serde(skip)]
+    pub transforms: Option<Arc<super::transform::Transforms>>,
 }
 
 impl SourceSpec {
@@ -76,6 +79,7 @@ impl SourceSpec {
             on_bad_file: OnBad::Error,
             subsets: None,
             shard_tokenizer: None,
+            transforms: None,
         }
     }
 }
@@ -89,6 +93,9 @@ pub struct StreamCursor {
     pub offset: u64,
     pub line: u64,
     pub token: usize,
+    /// For a source written in Lua: its `state()` before the document at the cursor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lua_state: Option<serde_json::Value>,
 }
 
 /// Prefix of a reader error that must stop the run even when bad files are skipped.
@@ -222,6 +229,8 @@ pub struct RecordReader {
     buf: Vec<u8>,
     /// Print no warnings (a second parse of rows already reported).
     quiet: bool,
+    /// Keep each row's `meta` with its record (for Lua filters and maps).
+    keep_meta: bool,
 }
 
 impl RecordReader {
@@ -271,6 +280,7 @@ impl RecordReader {
             stats,
             buf: Vec::new(),
             quiet: false,
+            keep_meta: spec.transforms.is_some(),
         })
     }
 
@@ -304,6 +314,7 @@ impl RecordReader {
                         payload: Payload::Text(text),
                         end_of_doc: at_end,
                         subset: "unknown".into(),
+                        meta: None,
                     }));
                 }
                 _ => {
@@ -315,7 +326,7 @@ impl RecordReader {
                     self.parse_row(start, line_no)?
                 }
             };
-            if let Some((text, subset)) = text {
+            if let Some((text, subset, meta)) = text {
                 self.stats_mut().rows += 1;
                 return Ok(Some(Record {
                     offset: start,
@@ -323,6 +334,7 @@ impl RecordReader {
                     payload: Payload::Text(text),
                     end_of_doc: true,
                     subset,
+                    meta,
                 }));
             }
         }
@@ -349,7 +361,12 @@ impl RecordReader {
     }
 
     /// Text of a JSON row; None when the row is skipped (blank, bad, filtered out).
-    fn parse_row(&mut self, start: u64, line_idx: u64) -> Result<Option<(String, String)>, String> {
+    #[allow(clippy::type_complexity)]
+    fn parse_row(
+        &mut self,
+        start: u64,
+        line_idx: u64,
+    ) -> Result<Option<(String, String, Option<serde_json::Value>)>, String> {
         let mut bytes: &[u8] = &self.buf;
         if start == 0 {
             bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
@@ -389,10 +406,20 @@ impl RecordReader {
             self.stats_mut().empty_rows += 1;
             return Ok(None);
         }
-        Ok(Some((text.clone(), subset)))
+        let meta = if self.keep_meta {
+            row.get("meta").cloned()
+        } else {
+            None
+        };
+        Ok(Some((text.clone(), subset, meta)))
     }
 
-    fn bad_row(&mut self, line_no: u64, why: &str) -> Result<Option<(String, String)>, String> {
+    #[allow(clippy::type_complexity)]
+    fn bad_row(
+        &mut self,
+        line_no: u64,
+        why: &str,
+    ) -> Result<Option<(String, String, Option<serde_json::Value>)>, String> {
         let msg = format!("{}:{line_no}: {why}", self.path);
         if self.on_bad_row == OnBad::Error {
             return Err(format!(

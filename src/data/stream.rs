@@ -2,11 +2,12 @@
 //! Its cursor names the exact next token, so a copy built from a saved cursor continues
 //! bit-identically.
 
-use super::record::{Payload, Records};
+use super::record::{Payload, Record, Records};
 use super::shards::ShardReader;
 use super::source::{FileEntry, OnBad, RecordReader, SourceSpec, StreamCursor, FATAL};
 use super::subsets::{GroupReader, SubsetGroup};
 use super::tokenizer::Tokenizer;
+use super::transform::{Outcome, Worker};
 use super::DataStats;
 use crate::util::rng::Rng;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,10 @@ pub struct TokenStream {
     reload: bool,
     tokens_since_wrap: u64,
     wrapped: bool,
+    /// The Lua state running the source's filter/map (made on first use, on the data thread).
+    worker: Option<Worker>,
+    /// This stream's number (seeds its Lua state).
+    index: usize,
 }
 
 impl TokenStream {
@@ -48,6 +53,41 @@ impl TokenStream {
             reload: true,
             tokens_since_wrap: 0,
             wrapped: false,
+            worker: None,
+            index: 0,
+        }
+    }
+
+    /// The stream's number among its loader's (seeds the Lua state of filters and maps).
+    pub fn numbered(mut self, index: usize) -> Self {
+        self.index = index;
+        self
+    }
+
+    /// Run a record's text through the source's Lua filter/map: Some(text) to keep.
+    fn transformed(
+        &mut self,
+        text: String,
+        rec: &Record,
+        entry: usize,
+    ) -> Result<Option<String>, String> {
+        let Some(t) = self.spec.transforms.clone() else {
+            return Ok(Some(text));
+        };
+        if self.worker.is_none() {
+            self.worker = Some(Worker::new(&t, self.index)?);
+        }
+        let source = format!("{}:{}", self.spec.files[entry].path, rec.line + 1);
+        let worker = self.worker.as_ref().ok_or("data function state missing")?;
+        match worker.apply(text, &rec.subset, rec.meta.as_ref(), &source)? {
+            Outcome::Keep(t) => Ok(Some(t)),
+            Outcome::Drop => {
+                self.stats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .filtered += 1;
+                Ok(None)
+            }
         }
     }
 
@@ -107,7 +147,17 @@ impl TokenStream {
                 None => None,
             };
             match next {
-                Some(rec) => {
+                Some(mut rec) => {
+                    if self.spec.transforms.is_some() {
+                        if let Payload::Text(text) = &mut rec.payload {
+                            let text = std::mem::take(text);
+                            let entry = self.order[self.cursor.file];
+                            match self.transformed(text, &rec, entry)? {
+                                Some(t) => rec.payload = Payload::Text(t),
+                                None => continue, // dropped: the next record
+                            }
+                        }
+                    }
                     let keep = if resuming && rec.offset == self.cursor.offset {
                         self.cursor.token
                     } else {

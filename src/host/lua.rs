@@ -226,3 +226,64 @@ pub fn is_interrupt(err: &mlua::Error) -> bool {
     err.chain()
         .any(|e| e.downcast_ref::<Interrupted>().is_some())
 }
+
+/// The user-facing text of a Lua error: the message and its Lua traceback, without mlua's
+/// wrapper noise or Rust backtraces.
+pub fn clean_message(e: &mlua::Error) -> String {
+    let text = match e {
+        mlua::Error::CallbackError { traceback, cause } => {
+            let inner = clean_message(cause);
+            if inner.contains("stack traceback:") {
+                inner
+            } else {
+                // A host call failed: name the recipe line that made it, as Lua errors do.
+                match lua_location(traceback) {
+                    Some(at) if !inner.starts_with(&at) => format!("{at}: {inner}\n{traceback}"),
+                    _ => format!("{inner}\n{traceback}"),
+                }
+            }
+        }
+        mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
+        mlua::Error::MemoryError(m) => {
+            let limit = heap_limit();
+            if limit > 0 {
+                format!(
+                    "{m}: the recipe's Lua heap reached its limit of {} MiB; free what the recipe keeps (large tables or strings) or raise --lua-memory",
+                    limit >> 20
+                )
+            } else {
+                m.clone()
+            }
+        }
+        mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::ExternalError(x) => x.to_string(),
+        mlua::Error::WithContext { context, cause } => {
+            format!("{context}: {}", clean_message(cause))
+        }
+        other => other.to_string(),
+    };
+    // candle errors may carry a Rust backtrace; users need the message, not our internals.
+    let text = match text.find("\n   0: ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    };
+    // The prelude's `error` wrapper is wick's, not the recipe's: keep it out of tracebacks.
+    text.lines()
+        .filter(|l| !l.contains("wick/prelude.lua:") && !l.contains("upvalue 'raw_error'"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The first Lua `file:line` in a traceback (skipping frames of Rust functions).
+fn lua_location(traceback: &str) -> Option<String> {
+    traceback.lines().skip(1).find_map(|l| {
+        let l = l.trim();
+        if l.starts_with("[C]") {
+            return None;
+        }
+        let mut parts = l.splitn(3, ':');
+        let file = parts.next()?;
+        let line = parts.next()?;
+        line.parse::<u64>().ok().map(|n| format!("{file}:{n}"))
+    })
+}

@@ -97,9 +97,12 @@ impl Session {
                 self.model.config.seq_len
             ));
         }
-        if let Some(bad) = w.tokens.iter().find(|&&t| t >= vocab) {
+        if let Some(i) = w.tokens.iter().position(|&t| t >= vocab) {
             return Err(format!(
-                "token id {bad} is outside the model's vocabulary of {vocab}; the model's vocab must match the tokenizer's"
+                "token id {} at row {}, column {} of the batch is outside the model's vocabulary of {vocab}; the model's vocab must match the tokenizer's",
+                w.tokens[i],
+                i / w.width + 1,
+                i % w.width + 1
             ));
         }
         Ok(())
