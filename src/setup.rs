@@ -107,7 +107,7 @@ pub fn default_lua_memory() -> usize {
     ((pages as usize).saturating_mul(page as usize) / 4).max(256 << 20)
 }
 
-/// `--lua-memory`: `512M`, `4G`, `1.5G`, a byte count, or `0`/`none` for no cap.
+/// A size: `512M`, `4G`, `1.5G`, a byte count, or `0`/`none` (no limit).
 pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
     let t = s.trim().to_ascii_lowercase();
     if t == "none" || t == "0" {
@@ -127,10 +127,15 @@ pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("'{s}' is not a size; use e.g. 512M, 4G or none"));
     }
-    let bytes = (v * mult as f64) as usize;
+    Ok((v * mult as f64) as usize)
+}
+
+/// `--lua-memory`: a size (see `parse_size`) of at least 1M, or none.
+pub fn parse_lua_memory(s: &str) -> std::result::Result<usize, String> {
+    let bytes = parse_size(s)?;
     if bytes > 0 && bytes < 1 << 20 {
         return Err(format!(
-            "--lua-memory {s} is too small for Lua to start; use at least 1M"
+            "{s} is too small for Lua to start; use at least 1M"
         ));
     }
     Ok(bytes)

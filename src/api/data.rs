@@ -490,7 +490,7 @@ fn loader(lua: &Lua, options: Value) -> mlua::Result<LoaderHandle> {
         Some(src) => {
             if cursor.is_some() && !src.resumable() {
                 return Err(crate::Error::usage(format!(
-                    "loader '{name}' reads Lua source {} without state() and restore(s) functions, so it cannot continue where the checkpoint stopped; give the source both functions, or run without --resume",
+                    "cannot resume: loader '{name}' reads Lua source {} without state() and restore(s) functions, so it cannot continue where the checkpoint stopped; give the source both functions, or run without --resume",
                     src.name
                 ))
                 .into());

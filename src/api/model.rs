@@ -29,7 +29,72 @@ const MODEL_KEYS: &[&str] = &[
     "tokenizer",
     "norm_eps",
     "rope_theta",
+    "from_hf",
 ];
+
+/// `wick.model{ from_hf = "DIR" [, seq_len = N] [, tokenizer = tok] }`: a Hugging Face Llama
+/// directory's config and weights (f32, bf16 or f16; one file or shards), and its
+/// tokenizer.json when there is one, ready to train.
+fn from_hf(lua: &Lua, dir: &str, o: &Opts) -> mlua::Result<ModelHandle> {
+    for key in MODEL_KEYS {
+        if !matches!(*key, "from_hf" | "seq_len" | "tokenizer") && !o.value(key)?.is_nil() {
+            return Err(mlua::Error::runtime(format!(
+                "wick.model: option '{key}' cannot be combined with from_hf (the shape comes from {dir}/config.json; only seq_len and tokenizer may be given)"
+            )));
+        }
+    }
+    let path = std::path::Path::new(dir);
+    let mut config = crate::model::hf::read_config(path).map_err(crate::Error::usage)?;
+    if let Some(n) = o.usize("seq_len")? {
+        config.seq_len = n;
+    }
+    let tokenizer = match o.value("tokenizer")? {
+        Value::UserData(ud) => ud
+            .borrow::<super::data::TokenizerHandle>()
+            .map(|t| t.0.clone())
+            .map_err(|_| {
+                mlua::Error::runtime("option 'tokenizer' of wick.model must be a tokenizer")
+            })?,
+        _ if path.join("tokenizer.json").exists() => {
+            Arc::new(Tokenizer::load(&path.join("tokenizer.json")).map_err(mlua::Error::runtime)?)
+        }
+        _ => Arc::new(Tokenizer::Bytes),
+    };
+    if tokenizer.vocab_size() > config.vocab {
+        return Err(mlua::Error::runtime(format!(
+            "wick.model: the tokenizer ({}) has {} tokens, more than the model's vocab_size {}",
+            tokenizer.describe(),
+            tokenizer.vocab_size(),
+            config.vocab
+        )));
+    }
+    let weights = crate::model::hf::read_weights(path)
+        .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
+    let ctx = context(lua)?;
+    let (compute, resume_config) = {
+        let c = lock(&ctx);
+        let resume = c
+            .resume
+            .as_ref()
+            .filter(|_| c.session.is_none())
+            .map(|r| r.meta.model.clone());
+        (c.opts.compute.clone(), resume)
+    };
+    if let Some(saved) = resume_config {
+        crate::run::resume::check_model(&saved, &config)?;
+    }
+    let model = Llama::new(config, 0, &compute.device)
+        .and_then(|m| {
+            m.load_params(&weights)?;
+            Ok(m)
+        })
+        .map_err(|e| mlua::Error::runtime(format!("wick.model: {dir}: {e}")))?
+        .with_compute_dtype(compute.dtype);
+    Ok(ModelHandle {
+        model: Arc::new(model),
+        tokenizer,
+    })
+}
 
 pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
     check_stop()?;
@@ -39,6 +104,9 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
         MODEL_KEYS,
         false,
     )?;
+    if let Some(dir) = o.string("from_hf")? {
+        return from_hf(lua, &dir, &o);
+    }
     let tokenizer = match o.value("tokenizer")? {
         Value::Nil => Arc::new(Tokenizer::Bytes),
         Value::UserData(ud) => ud

@@ -1,46 +1,43 @@
-//! `wick export CKPT --hf DIR`: a Hugging Face Llama directory (config.json + model.safetensors)
-//! that `transformers.LlamaForCausalLM.from_pretrained(DIR)` loads. wick's rotary embedding
-//! already uses the half-split layout transformers uses, so q/k weights need no permutation.
+//! `wick export CKPT --hf DIR`: a Hugging Face Llama directory that transformers and friends
+//! load as they are: `config.json`, `generation_config.json`, `tokenizer.json` (wick's byte-level
+//! tokenizer as an equivalent Hugging Face one, or the run's own), and the weights in
+//! `model.safetensors` — or in shards with `model.safetensors.index.json` past
+//! `--max-shard-size` — in f32 or `--dtype bf16`. Files honour the user's umask.
 
 use crate::ckpt;
-use candle_core::Tensor;
+use crate::model::hf::{byte_level_tokenizer_json, hf_name};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-pub fn run(ckpt: &Path, out: &Path) -> crate::Result<i32> {
-    export_hf(ckpt, out)?;
+/// How to export.
+pub struct ExportOptions {
+    pub dtype: DType,
+    pub max_shard_bytes: usize,
+    pub tokenizer: Option<PathBuf>,
+}
+
+pub fn run(ckpt: &Path, out: &Path, opts: &ExportOptions) -> crate::Result<i32> {
+    export_hf(ckpt, out, opts)?;
     Ok(crate::error::exit::OK)
 }
 
-/// wick parameter name → Hugging Face Llama name.
-pub fn hf_name(name: &str) -> Option<String> {
-    let direct = match name {
-        "tok_embeddings.weight" => Some("model.embed_tokens.weight"),
-        "norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(d) = direct {
-        return Some(d.to_string());
-    }
-    let rest = name.strip_prefix("layers.")?;
-    let (i, part) = rest.split_once('.')?;
-    let hf = match part {
-        "attention.wq.weight" => "self_attn.q_proj.weight",
-        "attention.wk.weight" => "self_attn.k_proj.weight",
-        "attention.wv.weight" => "self_attn.v_proj.weight",
-        "attention.wo.weight" => "self_attn.o_proj.weight",
-        "feed_forward.w1.weight" => "mlp.gate_proj.weight",
-        "feed_forward.w3.weight" => "mlp.up_proj.weight",
-        "feed_forward.w2.weight" => "mlp.down_proj.weight",
-        "attention_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{i}.{hf}"))
+/// Write a file with the process's umask (as any tool would), never 0600.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut f =
+        std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-pub fn export_hf(ckpt_path: &Path, out: &Path) -> Result<(), String> {
+fn json_file(path: &Path, v: &serde_json::Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())? + "\n";
+    write_file(path, text.as_bytes())
+}
+
+pub fn export_hf(ckpt_path: &Path, out: &Path, opts: &ExportOptions) -> Result<(), String> {
     let c = ckpt::load(ckpt_path)?;
     let m = &c.meta.model;
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
@@ -48,9 +45,53 @@ pub fn export_hf(ckpt_path: &Path, out: &Path) -> Result<(), String> {
     for (name, t) in c.group("model.") {
         let hf = hf_name(&name)
             .ok_or_else(|| format!("checkpoint tensor {name} has no Hugging Face name"))?;
+        let t = t.to_dtype(opts.dtype).map_err(|e| e.to_string())?;
         tensors.push((hf, t));
     }
-    let eod = m.vocab.saturating_sub(1);
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let (dtype_name, width) = match opts.dtype {
+        DType::BF16 => ("bfloat16", 2),
+        _ => ("float32", 4),
+    };
+    // The tokenizer: the one given, else wick's byte-level one when the vocab says so.
+    let eod = match (&opts.tokenizer, m.vocab) {
+        (Some(p), _) => {
+            let tok = crate::data::Tokenizer::load(p)?;
+            if tok.vocab_size() != m.vocab {
+                return Err(format!(
+                    "--tokenizer {} has {} tokens but the model's vocab is {}",
+                    p.display(),
+                    tok.vocab_size(),
+                    m.vocab
+                ));
+            }
+            let bytes =
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            write_file(&out.join("tokenizer.json"), &bytes)?;
+            Some(tok.eod())
+        }
+        (None, 257) => {
+            json_file(&out.join("tokenizer.json"), &byte_level_tokenizer_json())?;
+            json_file(
+                &out.join("tokenizer_config.json"),
+                &serde_json::json!({
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "eos_token": "<|endoftext|>",
+                    "bos_token": "<|endoftext|>",
+                    "model_max_length": m.seq_len,
+                    "clean_up_tokenization_spaces": false,
+                }),
+            )?;
+            Some(256)
+        }
+        (None, _) => {
+            crate::host::progress::warn(
+                "no tokenizer.json written: the model's vocab is not byte-level; pass --tokenizer tok.json",
+            );
+            None
+        }
+    };
+    let eod = eod.unwrap_or(m.vocab.saturating_sub(1) as u32);
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -70,54 +111,67 @@ pub fn export_hf(ckpt_path: &Path, out: &Path) -> Result<(), String> {
         "mlp_bias": false,
         "bos_token_id": eod,
         "eos_token_id": eod,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype_name,
     });
-    let config_path = out.join("config.json");
-    std::fs::write(
-        &config_path,
-        serde_json::to_string_pretty(&config).unwrap_or_default(),
-    )
-    .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
-    let weights = out.join("model.safetensors");
+    json_file(&out.join("config.json"), &config)?;
+    json_file(
+        &out.join("generation_config.json"),
+        &serde_json::json!({ "bos_token_id": eod, "eos_token_id": eod, "do_sample": true,
+                             "temperature": 0.8, "top_k": 40 }),
+    )?;
+    // Shards: consecutive tensors up to the size limit (a tensor is never split).
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0usize;
+    let mut total = 0usize;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let b = t.elem_count() * width;
+        if size + b > opts.max_shard_bytes && !shards.last().is_some_and(|s| s.is_empty()) {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += b;
+        total += b;
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
+    }
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(meta),
-        &weights,
-    )
-    .map_err(|e| format!("cannot write {}: {e}", weights.display()))?;
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
+        let part: Vec<(&str, &Tensor)> = shard
+            .iter()
+            .map(|&i| (tensors[i].0.as_str(), &tensors[i].1))
+            .collect();
+        let bytes = safetensors::serialize(part.iter().map(|(n, t)| (*n, *t)), Some(meta.clone()))
+            .map_err(|e| format!("cannot encode {file}: {e}"))?;
+        write_file(&out.join(&file), &bytes)?;
+        for (name, _) in &part {
+            weight_map.insert(name.to_string(), file.clone().into());
+        }
+    }
+    if n > 1 {
+        json_file(
+            &out.join("model.safetensors.index.json"),
+            &serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map }),
+        )?;
+    }
     crate::errln!(
-        "wick: exported {} (step {}) to {} (config.json, model.safetensors)",
+        "wick: exported {} (step {}) to {} ({} weights in {n} file(s), {dtype_name}{})",
         ckpt_path.display(),
         c.meta.step,
-        out.display()
+        out.display(),
+        tensors.len(),
+        if out.join("tokenizer.json").exists() {
+            ", tokenizer.json"
+        } else {
+            ""
+        }
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::hf_name;
-    use crate::model::{Llama, ModelConfig};
-
-    #[test]
-    fn every_parameter_has_a_distinct_hf_name() {
-        for tie in [false, true] {
-            let mut c = ModelConfig::preset("tiny").unwrap();
-            c.tie_embeddings = tie;
-            let names: Vec<String> = Llama::param_shapes(&c)
-                .iter()
-                .map(|(n, _)| hf_name(n).unwrap())
-                .collect();
-            let mut dedup = names.clone();
-            dedup.sort();
-            dedup.dedup();
-            assert_eq!(dedup.len(), names.len());
-            assert_eq!(names.contains(&"lm_head.weight".to_string()), !tie);
-        }
-        assert_eq!(
-            hf_name("layers.3.feed_forward.w3.weight").unwrap(),
-            "model.layers.3.mlp.up_proj.weight"
-        );
-    }
 }

@@ -47,7 +47,7 @@ pub struct RunArgs {
     pub save_every: Option<u64>,
     /// Cap on the recipe's Lua heap (e.g. 512M, 4G; "none" for no cap). Past it, Lua raises
     /// "not enough memory", a script error that still saves. Default: a quarter of RAM.
-    #[arg(long, value_name = "SIZE", value_parser = crate::setup::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = crate::setup::parse_lua_memory)]
     pub lua_memory: Option<usize>,
     /// A row in metrics.jsonl (and TensorBoard) every N training steps; 0: only the recipe's
     /// wick.log rows.
@@ -172,9 +172,20 @@ pub enum Command {
     /// Export a checkpoint's model for other tools.
     Export {
         ckpt: PathBuf,
-        /// Write a Hugging Face Llama directory (config.json + model.safetensors).
+        /// Write a Hugging Face Llama directory (config.json, generation_config.json,
+        /// tokenizer.json, safetensors weights).
         #[arg(long, value_name = "DIR")]
         hf: PathBuf,
+        /// Weights dtype: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Split the weights into shards (with model.safetensors.index.json) past this size.
+        #[arg(long, value_name = "SIZE", default_value = "5G", value_parser = crate::setup::parse_size)]
+        max_shard_size: usize,
+        /// The run's tokenizer.json to ship with the model (default: wick's byte-level one, as
+        /// an equivalent Hugging Face tokenizer, when the vocab is 257).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
     },
 }
 
@@ -287,6 +298,32 @@ pub fn dispatch(command: Command) -> Result<i32> {
         Command::Data { what } => data::run(what),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Bench { what } => bench::run(what),
-        Command::Export { ckpt, hf } => export::run(&ckpt, &hf),
+        Command::Export {
+            ckpt,
+            hf,
+            dtype,
+            max_shard_size,
+            tokenizer,
+        } => {
+            let dtype = match dtype.as_str() {
+                "f32" | "float32" => candle_core::DType::F32,
+                "bf16" | "bfloat16" => candle_core::DType::BF16,
+                other => {
+                    return Err(crate::Error::usage(format!(
+                        "--dtype {other}: export writes f32 or bf16"
+                    )))
+                }
+            };
+            let opts = export::ExportOptions {
+                dtype,
+                max_shard_bytes: if max_shard_size == 0 {
+                    usize::MAX
+                } else {
+                    max_shard_size
+                },
+                tokenizer,
+            };
+            export::run(&ckpt, &hf, &opts)
+        }
     }
 }

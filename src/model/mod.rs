@@ -9,6 +9,7 @@
 mod config;
 pub mod cpu;
 pub mod generate;
+pub mod hf;
 
 pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
 

@@ -123,7 +123,7 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
         Ending::Failed(msg) => progress::error(msg),
         Ending::Stopped(sig) => crate::errln!("wick: stopped by {}", signals::signal_name(*sig)),
         Ending::Panicked(msg) => crate::errln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
-        Ending::Refused(msg) => progress::error(&format!("cannot resume: {msg}")),
+        Ending::Refused(msg) => progress::error(msg),
         Ending::Diverged(msg) => progress::error(msg),
         Ending::Exit(code) => progress::warn(&format!("the recipe called os.exit({code})")),
     }

@@ -29,7 +29,7 @@ pub fn check_model(saved: &ModelConfig, now: &ModelConfig) -> Result<()> {
         return Ok(());
     }
     Err(Error::usage(format!(
-        "the model config differs from the checkpoint's: {}",
+        "cannot resume: the model config differs from the checkpoint's: {}",
         diffs.join("; ")
     )))
 }
@@ -65,7 +65,7 @@ pub fn check_loader(
         return Ok(());
     }
     Err(Error::usage(format!(
-        "data of loader '{name}' differs from the checkpoint's: {}",
+        "cannot resume: data of loader '{name}' differs from the checkpoint's: {}",
         diffs.join("; ")
     )))
 }
@@ -122,9 +122,12 @@ pub fn check_recipe(
 pub fn restore(session: &mut Session, ckpt: &Checkpoint) -> Result<()> {
     let model = session.model.clone();
     check_model(&ckpt.meta.model, &model.config)?;
-    model
-        .load_params(&ckpt.group("model."))
-        .map_err(|e| Error::usage(format!("checkpoint {}: {e}", ckpt.path.display())))?;
+    model.load_params(&ckpt.group("model.")).map_err(|e| {
+        Error::usage(format!(
+            "cannot resume: checkpoint {}: {e}",
+            ckpt.path.display()
+        ))
+    })?;
     let device = model.device().clone();
     let master = model
         .params()
