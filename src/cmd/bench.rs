@@ -54,6 +54,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         reps: usize,
     },
+    /// Sampling speed: new tokens/s with the key/value cache, beside recomputing the window
+    /// for every token (the small preset at seq_len 512, top-k 40, temperature 0.8).
+    Generate {
+        #[arg(long, default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 512, value_parser = at_least_one)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+        tokens: usize,
+        /// Also time the window-recomputing way (slow: quadratic in the length).
+        #[arg(long)]
+        compare: bool,
+    },
     /// Checkpoint write speed against a plain write + fsync of the same bytes.
     Ckpt {
         #[arg(long, default_value = "checkpoints")]
@@ -99,6 +112,12 @@ pub fn run(what: BenchCommand) -> WickResult<i32> {
         .map(Ok)
         .collect(),
         BenchCommand::Ckpt { dir, mb, reps } => vec![ckpt(&dir, mb, reps)],
+        BenchCommand::Generate {
+            preset,
+            seq_len,
+            tokens,
+            compare,
+        } => vec![generate(&preset, seq_len, tokens, compare)],
         BenchCommand::Data { sources, tokenizer } => vec![data(&sources, tokenizer.as_deref())],
     };
     let mut code = exit::OK;
@@ -424,6 +443,48 @@ pub fn data(sources: &[String], tokenizer: Option<&Path>) -> Result<serde_json::
             .into();
     }
     out["rare_subset_mixture"] = rare_subset_mixture()?;
+    Ok(out)
+}
+
+/// New tokens per second from `preset` at `seq_len` (random weights: speed does not depend
+/// on them), sampling with top-k 40 at temperature 0.8 from a 6-token prompt.
+pub fn generate(
+    preset: &str,
+    seq_len: usize,
+    tokens: usize,
+    compare: bool,
+) -> Result<serde_json::Value, String> {
+    use crate::model::generate::{generate, SampleOptions};
+    let mut c = ModelConfig::preset(preset).ok_or_else(|| format!("unknown preset '{preset}'"))?;
+    c.seq_len = seq_len;
+    let model = Llama::new(c, 1, &Device::Cpu).map_err(|e| e.to_string())?;
+    let opts = SampleOptions {
+        max_tokens: tokens,
+        temperature: 0.8,
+        top_k: Some(40),
+        seed: 7,
+        stop_token: None,
+    };
+    let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
+    let run = |m: &Llama| -> Result<(f64, usize), String> {
+        let t0 = Instant::now();
+        let out = generate(m, &prompt, &opts, &|| false).map_err(|e| e.to_string())?;
+        Ok((t0.elapsed().as_secs_f64(), out.len()))
+    };
+    let _ = run(&model)?; // warm-up (page faults, thread pool)
+    let (s, n) = run(&model)?;
+    let mut out = serde_json::json!({
+        "preset": preset, "seq_len": seq_len, "new_tokens": n,
+        "params": model.param_count(),
+        "kv_cache_tokens_per_s": (n as f64 / s * 10.0).round() / 10.0,
+        "threads": rayon::current_num_threads(),
+    });
+    if compare {
+        let mut m = Llama::new(model.config.clone(), 1, &Device::Cpu).map_err(|e| e.to_string())?;
+        m.use_cpu_step = false; // the window-recomputing path
+        let (s, n) = run(&m)?;
+        out["recompute_window_tokens_per_s"] = ((n as f64 / s) * 10.0).round().into();
+    }
     Ok(out)
 }
 

@@ -30,12 +30,26 @@ pub fn generate(
     }
     let prompt_len = tokens.len();
     let window = model.config.seq_len;
+    // On the CPU, a key/value cache: each new token costs one token's pass, not the window's.
+    let mut cache = model
+        .has_cpu_step()
+        .then(|| super::cpu::decode::KvCache::new(model));
+    let mut fed = 0;
     for _ in 0..opts.max_tokens {
         if should_stop() {
             candle_core::bail!("interrupted");
         }
-        let start = tokens.len().saturating_sub(window);
-        let last = model.logits(&tokens[start..], 1)?;
+        let last = match cache.as_mut() {
+            Some(c) => {
+                let l = super::cpu::decode::next_logits(model, c, &tokens[fed..])?;
+                fed = tokens.len();
+                l
+            }
+            None => {
+                let start = tokens.len().saturating_sub(window);
+                model.logits(&tokens[start..], 1)?
+            }
+        };
         let next = sample(last, opts, &mut rng)?;
         if Some(next) == opts.stop_token {
             break;

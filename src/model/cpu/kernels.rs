@@ -330,3 +330,19 @@ mod tests {
         }
     }
 }
+
+multiversion! {
+    /// Σ a·b over two rows (16 lanes, fixed order).
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        lanes_dot(a, b, None)
+    }
+}
+
+multiversion! {
+    /// y += a·x (16 lanes).
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += a * xi;
+        }
+    }
+}

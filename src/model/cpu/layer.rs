@@ -39,6 +39,13 @@ pub struct LayerActs {
     act: Vec<f32>,   // (N, F) silu(gate) ⊙ up
 }
 
+impl LayerActs {
+    /// The block's rotated keys and values, token-major: (N, KV·D) each.
+    pub fn keys_values(&self) -> (&[f32], &[f32]) {
+        (&self.k, &self.v)
+    }
+}
+
 /// Forward through one block; `x` (N, C) becomes the block's output. With `keep`, returns
 /// the activations the backward needs.
 pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Option<LayerActs> {

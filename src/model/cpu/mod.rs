@@ -23,6 +23,7 @@
 //! output).
 
 mod attention;
+pub mod decode;
 pub mod kernels;
 mod layer;
 pub mod matmul;
