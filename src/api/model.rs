@@ -70,19 +70,7 @@ fn from_hf(lua: &Lua, dir: &str, o: &Opts) -> mlua::Result<ModelHandle> {
     }
     let weights = crate::model::hf::read_weights(path)
         .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
-    let ctx = context(lua)?;
-    let (compute, resume_config) = {
-        let c = lock(&ctx);
-        let resume = c
-            .resume
-            .as_ref()
-            .filter(|_| c.session.is_none())
-            .map(|r| r.meta.model.clone());
-        (c.opts.compute.clone(), resume)
-    };
-    if let Some(saved) = resume_config {
-        crate::run::resume::check_model(&saved, &config)?;
-    }
+    let (_, compute) = seed_and_device(lua, o, &config)?;
     let model = Llama::new(config, 0, &compute.device)
         .and_then(|m| {
             m.load_params(&weights)?;
@@ -94,6 +82,21 @@ fn from_hf(lua: &Lua, dir: &str, o: &Opts) -> mlua::Result<ModelHandle> {
         model: Arc::new(model),
         tokenizer,
     })
+}
+
+/// The model's seed and the run's device; a model made while resuming must be the checkpoint's.
+fn seed_and_device(
+    lua: &Lua,
+    o: &Opts,
+    config: &ModelConfig,
+) -> mlua::Result<(u64, crate::device::Compute)> {
+    let ctx = context(lua)?;
+    let c = lock(&ctx);
+    if let Some(r) = c.resume.as_ref().filter(|_| c.session.is_none()) {
+        crate::run::resume::check_model(&r.meta.model, config)?;
+    }
+    let seed = o.usize("seed")?.map(|s| s as u64).unwrap_or(c.opts.seed);
+    Ok((seed, c.opts.compute.clone()))
 }
 
 pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
@@ -171,23 +174,7 @@ pub fn create(lua: &Lua, options: Value) -> mlua::Result<ModelHandle> {
         .validate()
         .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?;
 
-    let ctx = context(lua)?;
-    let (seed, compute, resume_config) = {
-        let c = lock(&ctx);
-        let resume = c
-            .resume
-            .as_ref()
-            .filter(|_| c.session.is_none())
-            .map(|r| r.meta.model.clone());
-        (
-            o.usize("seed")?.map(|s| s as u64).unwrap_or(c.opts.seed),
-            c.opts.compute.clone(),
-            resume,
-        )
-    };
-    if let Some(saved) = resume_config {
-        crate::run::resume::check_model(&saved, &config)?;
-    }
+    let (seed, compute) = seed_and_device(lua, &o, &config)?;
     let model = Llama::new(config, seed, &compute.device)
         .map_err(|e| mlua::Error::runtime(format!("wick.model: {e}")))?
         .with_compute_dtype(compute.dtype);

@@ -202,24 +202,28 @@ impl Loader {
         cursor: Option<LoaderCursor>,
     ) -> Loader {
         let start = cursor.unwrap_or_else(|| LoaderCursor::start(&spec));
-        let stats = Arc::new(Mutex::new(DataStats::default()));
-        let groups = subset_groups(&spec.sources, &stats);
-        let mut loader = Loader {
+        let mut loader = Loader::idle(spec, tokenizer, start);
+        loader.groups = subset_groups(&loader.spec.sources, &loader.stats);
+        loader.restart();
+        loader
+    }
+
+    /// A loader at `start` with nothing running yet.
+    fn idle(spec: LoaderSpec, tokenizer: Arc<Tokenizer>, start: LoaderCursor) -> Loader {
+        Loader {
             lua_feed: None,
             start_state: None,
-            groups,
+            groups: Vec::new(),
             spec,
             tokenizer,
-            stats,
+            stats: Arc::new(Mutex::new(DataStats::default())),
             fetched: start.clone(),
             committed: start,
             rx: None,
             failed: None,
             eval_cache: Vec::new(),
             wait_ms_total: 0.0,
-        };
-        loader.restart();
-        loader
+        }
     }
 
     /// A loader over a source written in Lua (its only source).
@@ -233,20 +237,11 @@ impl Loader {
         let stream = start.streams.first().cloned().unwrap_or_default();
         // The source as the recipe made it, before any restore: its beginning.
         let start_state = source.initial_cursor();
-        Loader {
-            start_state,
-            lua_feed: Some(LuaFeed::new(source, tokenizer.clone(), stream)),
-            groups: Vec::new(),
-            spec,
-            tokenizer,
-            stats: Arc::new(Mutex::new(DataStats::default())),
-            fetched: start.clone(),
-            committed: start,
-            rx: None,
-            failed: None,
-            eval_cache: Vec::new(),
-            wait_ms_total: 0.0,
-        }
+        let feed = LuaFeed::new(source, tokenizer.clone(), stream);
+        let mut loader = Loader::idle(spec, tokenizer, start);
+        loader.start_state = start_state;
+        loader.lua_feed = Some(feed);
+        loader
     }
 
     /// The next batch from a Lua source, made here and now.
