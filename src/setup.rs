@@ -156,8 +156,39 @@ fn recipe_hash(src: &str) -> String {
     format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(src.as_bytes()))
 }
 
+/// A launcher (mpirun, srun) started several copies of this process: this build has no MPI,
+/// so they would be independent runs fighting over one checkpoint directory. Said, not tried.
+fn refuse_parallel_launch() -> Result<()> {
+    let size = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    for var in [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "MV2_COMM_WORLD_SIZE",
+    ] {
+        if let Some(n) = size(var).filter(|&n| n > 1) {
+            return Err(Error::usage(format!(
+                "this process is one of {n} started by an MPI launcher ({var}={n}), but this wick has no data-parallel training: the copies would be independent runs overwriting one checkpoint. Run one process (no mpirun/srun -n {n})"
+            )));
+        }
+    }
+    if let (Some(n), Some(_)) = (size("SLURM_NTASKS"), size("SLURM_PROCID")) {
+        if n > 1 && std::env::var_os("SLURM_STEP_ID").is_some() {
+            return Err(Error::usage(format!(
+                "this process is one of {n} tasks of a SLURM step (SLURM_NTASKS={n}), but this wick has no data-parallel training; run it with srun -n 1 (or --ntasks=1)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Everything before the first line of Lua runs.
 pub fn open(spec: &RunSpec) -> Result<Run> {
+    refuse_parallel_launch()?;
     let compute = crate::device::open(&spec.device, &spec.dtype).map_err(Error::usage)?;
     signals::install()?;
     if spec.owns_dir {

@@ -146,3 +146,35 @@ fn model_vocab_must_match_tokenizer() {
     let o = d.run("r.lua", &[]);
     assert_clean_failure(&o, &["vocab = 100 does not match the tokenizer"]);
 }
+
+/// Started as several copies by an MPI launcher or srun, a build without data-parallel
+/// training refuses (exit 2) instead of running N independent runs over one checkpoint.
+#[test]
+fn a_parallel_launch_without_mpi_support_is_refused() {
+    let d = Dir::new();
+    d.write("r.lua", "print('should not run')\n");
+    for (var, val) in [("OMPI_COMM_WORLD_SIZE", "4"), ("PMI_SIZE", "2")] {
+        let o = d.run_cmd("r.lua", &[]).env(var, val).output().unwrap();
+        assert_eq!(code(&o), 2, "{var}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(var) && !stdout(&o).contains("should not run"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let o = d
+        .run_cmd("r.lua", &[])
+        .env("SLURM_NTASKS", "8")
+        .env("SLURM_PROCID", "3")
+        .env("SLURM_STEP_ID", "0")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    // One process (size 1) runs.
+    let o = d
+        .run_cmd("r.lua", &[])
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
