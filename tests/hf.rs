@@ -252,9 +252,21 @@ fn generate_samples_with_the_cache_like_the_reference() {
             false
         )
     );
-    // Greedy within the window: the cache gives the reference's tokens.
+    // Greedy within the window: the CPU cache and the composed model's cache of tensors (the
+    // GPU's way) give the window-recomputing reference's tokens.
     let greedy = ["--temperature", "0", "--max-tokens", "30"];
-    assert_eq!(gen(&greedy, false), gen(&greedy, true));
+    let reference = gen(
+        &["--temperature", "0", "--max-tokens", "30", "--no-cache"],
+        false,
+    );
+    assert_eq!(gen(&greedy, false), reference);
+    assert_eq!(gen(&greedy, true), reference);
+    // Sampled text too: the same seed gives the same text with and without the cache.
+    let sampled = ["--seed", "9", "--max-tokens", "30", "--top-k", "10"];
+    let mut no_cache = sampled.to_vec();
+    no_cache.push("--no-cache");
+    assert_eq!(gen(&sampled, false), gen(&no_cache, false));
+    assert_eq!(gen(&sampled, true), gen(&no_cache, false));
     // Past seq_len (48): it goes on.
     let long = gen(
         &["--max-tokens", "150", "--seed", "1", "--ignore-eod"],
@@ -292,4 +304,5 @@ fn bench_generate_reports_tokens_per_second() {
     assert_eq!(v["new_tokens"], 20);
     assert!(v["kv_cache_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["recompute_window_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["composed_kv_cache_tokens_per_s"].as_f64().unwrap() > 0.0);
 }

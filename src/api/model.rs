@@ -297,6 +297,7 @@ impl UserData for ModelHandle {
                     top_k: None,
                     seed: seed_default,
                     stop_token: Some(this.tokenizer.eod()),
+                    cache: true,
                 };
                 if let Some(options) = options.filter(|v| !v.is_nil()) {
                     let o = Opts::new(

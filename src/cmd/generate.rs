@@ -17,6 +17,8 @@ pub struct GenerateArgs {
     pub tokenizer: Option<PathBuf>,
     pub device: String,
     pub ignore_eod: bool,
+    /// Recompute the window for every token (the reference the cache is checked against).
+    pub no_cache: bool,
 }
 
 /// A checkpoint's model on `device`, ready to sample from.
@@ -60,6 +62,7 @@ pub fn run(a: GenerateArgs) -> Result<i32> {
         top_k: a.top_k,
         seed: a.seed,
         stop_token: (!a.ignore_eod).then(|| tokenizer.eod()),
+        cache: !a.no_cache,
     };
     let started = std::time::Instant::now();
     let out = generate(

@@ -192,6 +192,9 @@ pub enum Command {
         /// Keep going past the end-of-document token (always max-tokens tokens).
         #[arg(long)]
         ignore_eod: bool,
+        /// Recompute the whole window for every token instead of keeping a key/value cache.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Export a checkpoint's model for other tools.
     Export {
@@ -332,8 +335,10 @@ pub fn dispatch(command: Command) -> Result<i32> {
             tokenizer,
             device,
             ignore_eod,
+            no_cache,
         } => generate::run(generate::GenerateArgs {
             ignore_eod,
+            no_cache,
             ckpt,
             prompt,
             max_tokens,

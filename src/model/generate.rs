@@ -12,6 +12,9 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Generation ends early when this token is drawn (the end-of-document token).
     pub stop_token: Option<u32>,
+    /// Keep keys and values between tokens (off: recompute the window for every token, the
+    /// reference the cache is checked against).
+    pub cache: bool,
 }
 
 /// Continue `prompt` by up to `max_tokens` tokens. `should_stop` is polled between tokens so a
@@ -30,26 +33,26 @@ pub fn generate(
     }
     let prompt_len = tokens.len();
     let window = model.config.seq_len;
-    // On the CPU, a key/value cache: each new token costs one token's pass, not the window's.
-    let mut cache = model
-        .has_cpu_step()
-        .then(|| super::cpu::decode::KvCache::new(model));
+    // A key/value cache: each new token costs one token's pass, not the window's. The CPU has
+    // its own; other devices keep tensors.
+    let mut cpu_cache =
+        (opts.cache && model.has_cpu_step()).then(|| super::cpu::decode::KvCache::new(model));
+    let mut tensor_cache =
+        (opts.cache && !model.has_cpu_step()).then(|| super::KvTensors::new(model));
     let mut fed = 0;
     for _ in 0..opts.max_tokens {
         if should_stop() {
             candle_core::bail!("interrupted");
         }
-        let last = match cache.as_mut() {
-            Some(c) => {
-                let l = super::cpu::decode::next_logits(model, c, &tokens[fed..])?;
-                fed = tokens.len();
-                l
-            }
-            None => {
+        let last = match (cpu_cache.as_mut(), tensor_cache.as_mut()) {
+            (Some(c), _) => super::cpu::decode::next_logits(model, c, &tokens[fed..])?,
+            (None, Some(c)) => model.next_logits_cached(c, &tokens[fed..])?,
+            (None, None) => {
                 let start = tokens.len().saturating_sub(window);
                 model.logits(&tokens[start..], 1)?
             }
         };
+        fed = tokens.len();
         let next = sample(last, opts, &mut rng)?;
         if Some(next) == opts.stop_token {
             break;

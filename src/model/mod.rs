@@ -234,11 +234,19 @@ impl Llama {
 
     /// tokens: (batch, time) u32 → logits (batch, time, vocab).
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.forward_at(tokens, None)
+    }
+
+    /// The forward pass; with a cache, `tokens` follow the positions it holds and their keys
+    /// and values are added to it (sampling on devices without a hand-written step).
+    fn forward_at(&self, tokens: &Tensor, mut cache: Option<&mut KvTensors>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = tokens.dims2()?;
-        if t > c.seq_len {
+        let past = cache.as_ref().map(|k| k.len).unwrap_or(0);
+        if past + t > c.seq_len {
             candle_core::bail!(
-                "sequence of {t} tokens is longer than the model's seq_len {}",
+                "sequence of {} tokens is longer than the model's seq_len {}",
+                past + t,
                 c.seq_len
             );
         }
@@ -247,9 +255,9 @@ impl Llama {
             .embedding(&tokens.flatten_all()?)?
             .reshape((b, t, c.dim))?;
         let cd = self.compute_dtype;
-        let cos = self.cos.narrow(0, 0, t)?.to_dtype(cd)?;
-        let sin = self.sin.narrow(0, 0, t)?.to_dtype(cd)?;
-        let mask = causal_mask(t, &self.device)?.to_dtype(self.master_dtype())?;
+        let cos = self.cos.narrow(0, past, t)?.to_dtype(cd)?;
+        let sin = self.sin.narrow(0, past, t)?.to_dtype(cd)?;
+        let mask = causal_mask(t, past, &self.device)?.to_dtype(self.master_dtype())?;
         for i in 0..c.n_layers {
             let p = format!("layers.{i}");
             let h = rms_norm(
@@ -257,13 +265,17 @@ impl Llama {
                 &self.p(&format!("{p}.attention_norm.weight"))?,
                 c.norm_eps,
             )?;
-            let a = self.attention(&h, &p, &cos, &sin, &mask)?;
+            let slot = cache.as_deref_mut().map(|k| &mut k.layers[i]);
+            let a = self.attention(&h, &p, (&cos, &sin), &mask, slot)?;
             let a = a.to_dtype(x.dtype())?;
             x = (x + a)?;
             let h = rms_norm(&x, &self.p(&format!("{p}.ffn_norm.weight"))?, c.norm_eps)?;
             let f = self.feed_forward(&h, &p)?;
             let f = f.to_dtype(x.dtype())?;
             x = (x + f)?;
+        }
+        if let Some(k) = cache {
+            k.len += t;
         }
         let x = rms_norm(&x, &self.p("norm.weight")?, c.norm_eps)?;
         let head = if c.tie_embeddings {
@@ -285,9 +297,9 @@ impl Llama {
         &self,
         x: &Tensor,
         p: &str,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: &Tensor,
+        cached: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -309,6 +321,18 @@ impl Llama {
             .contiguous()?;
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
+        // With a cache: attend over every position held, this call's included.
+        let (k, v) = match cached {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
         let (k, v) = if c.n_kv_heads != c.n_heads {
             let rep = c.n_heads / c.n_kv_heads;
             (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?)
@@ -400,11 +424,58 @@ fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     ))
 }
 
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+/// (t, past + t): query i (at position past + i) sees keys 0..=past + i.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let n = past + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| (0..n).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(mask, (t, t), device)
+    Tensor::from_vec(mask, (t, n), device)
+}
+
+/// Keys and values of the positions so far, per layer (sampling with the composed model).
+pub struct KvTensors {
+    pub len: usize,
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    tokens: Vec<u32>,
+}
+
+impl KvTensors {
+    pub fn new(model: &Llama) -> KvTensors {
+        KvTensors {
+            len: 0,
+            layers: vec![None; model.config.n_layers],
+            tokens: Vec::new(),
+        }
+    }
+}
+
+impl Llama {
+    /// The logits after `tokens`, appended to the cache (the prompt first, then one token per
+    /// call). A full cache shifts: the newest half of the window is read again.
+    pub fn next_logits_cached(&self, cache: &mut KvTensors, tokens: &[u32]) -> Result<Vec<f32>> {
+        let seq_len = self.config.seq_len;
+        cache.tokens.extend_from_slice(tokens);
+        let feed: Vec<u32> = if cache.len + tokens.len() > seq_len {
+            let keep = if cache.len == 0 { seq_len } else { seq_len / 2 };
+            let window = cache.tokens[cache.tokens.len() - keep.min(cache.tokens.len())..].to_vec();
+            *cache = KvTensors::new(self);
+            cache.tokens = window.clone();
+            window
+        } else {
+            tokens.to_vec()
+        };
+        self.no_grad(|| {
+            let x = Tensor::new(feed.as_slice(), &self.device)?.unsqueeze(0)?;
+            let t = feed.len();
+            self.forward_at(&x, Some(cache))?
+                .squeeze(0)?
+                .narrow(0, t - 1, 1)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        })
+    }
 }
 
 fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
