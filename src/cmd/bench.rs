@@ -487,11 +487,6 @@ pub fn generate(
         };
         let (s, n) = run(&model, &recompute)?;
         out["recompute_window_tokens_per_s"] = ((n as f64 / s) * 10.0).round().into();
-        let mut composed =
-            Llama::new(model.config.clone(), 1, &Device::Cpu).map_err(|e| e.to_string())?;
-        composed.use_cpu_step = false; // candle's ops with a cache of tensors (the GPU's way)
-        let (s, n) = run(&composed, &opts)?;
-        out["composed_kv_cache_tokens_per_s"] = ((n as f64 / s) * 10.0).round().into();
     }
     Ok(out)
 }
