@@ -7,17 +7,30 @@ use crate::model::generate::{generate, SampleOptions};
 use crate::model::Llama;
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
 pub struct GenerateArgs {
     pub ckpt: PathBuf,
+    #[arg(long, default_value = "")]
     pub prompt: String,
+    #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
+    /// 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.8)]
     pub temperature: f64,
+    #[arg(long)]
     pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 1337)]
     pub seed: u64,
+    /// The tokenizer.json the model was trained with (default: byte-level).
+    #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Keep going past the end-of-document token (always max-tokens tokens).
+    #[arg(long)]
     pub ignore_eod: bool,
-    /// Recompute the window for every token (the reference the cache is checked against).
+    /// Recompute the whole window for every token instead of keeping a key/value cache.
+    #[arg(long)]
     pub no_cache: bool,
 }
 

@@ -171,31 +171,7 @@ pub enum Command {
         what: bench::BenchCommand,
     },
     /// Sample a continuation from a checkpoint's model (printed on stdout).
-    Generate {
-        ckpt: PathBuf,
-        #[arg(long, default_value = "")]
-        prompt: String,
-        #[arg(long, default_value_t = 200)]
-        max_tokens: usize,
-        /// 0 picks the most likely token (greedy).
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
-        /// The tokenizer.json the model was trained with (default: byte-level).
-        #[arg(long, value_name = "FILE")]
-        tokenizer: Option<PathBuf>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Keep going past the end-of-document token (always max-tokens tokens).
-        #[arg(long)]
-        ignore_eod: bool,
-        /// Recompute the whole window for every token instead of keeping a key/value cache.
-        #[arg(long)]
-        no_cache: bool,
-    },
+    Generate(generate::GenerateArgs),
     /// Export a checkpoint's model for other tools.
     Export {
         ckpt: PathBuf,
@@ -325,29 +301,7 @@ pub fn dispatch(command: Command) -> Result<i32> {
         Command::Data { what } => data::run(what),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Bench { what } => bench::run(what),
-        Command::Generate {
-            ckpt,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
-            tokenizer,
-            device,
-            ignore_eod,
-            no_cache,
-        } => generate::run(generate::GenerateArgs {
-            ignore_eod,
-            no_cache,
-            ckpt,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
-            tokenizer,
-            device,
-        }),
+        Command::Generate(args) => generate::run(args),
         Command::Export {
             ckpt,
             hf,
