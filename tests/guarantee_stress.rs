@@ -164,7 +164,11 @@ fn fifty_random_endings_each_end_with_the_right_code_and_a_loadable_checkpoint()
             assert!(err.contains(&line), "printed step matches the file: {ctx}");
             assert_eq!(code(&inspect(&d.ckpt())), 0, "{ctx}");
         } else {
-            assert!(err.contains("no step was trained"), "{ctx}");
+            // Stopped before a step (or before the session existed): nothing to save.
+            assert!(
+                err.contains("no step was trained") || err.contains("nothing to save"),
+                "{ctx}"
+            );
         }
     }
 }
