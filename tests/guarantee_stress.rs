@@ -27,22 +27,6 @@ const MODES: &[(&str, &str)] = &[
     ("loading", "while true do local l = wick.data.loader{ source = wick.data.jsonl{ 'data.jsonl' }, batch = 4, seq_len = 16, name = 'l' .. math.random(1e9) } l:next() session:step(l:next()) end\n"),
 ];
 
-/// The schedule's seed: `WICK_STRESS_SEED` replays a failure; otherwise the clock.
-fn schedule_seed() -> u64 {
-    let seed = std::env::var("WICK_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        | 1;
-    eprintln!("random schedule seed {seed} (replay with WICK_STRESS_SEED={seed})");
-    seed
-}
-
 /// How a run in the random mix is ended.
 #[derive(Clone, Copy, Debug)]
 enum Ending {
@@ -116,7 +100,7 @@ fn start(
 
 #[test]
 fn fifty_random_endings_each_end_with_the_right_code_and_a_loadable_checkpoint() {
-    let mut rng = Lcg(schedule_seed());
+    let mut rng = Lcg(stress_seed() | 1);
     let d = Dir::new();
     d.corpus("data.jsonl", 300);
     for run in 0..50 {
@@ -188,7 +172,7 @@ fn kill_9_during_large_writes_never_leaves_a_torn_checkpoint() {
     let d = Dir::new();
     d.corpus("data.jsonl", 50);
     d.write("big.lua", BIG);
-    let mut rng = Lcg(schedule_seed());
+    let mut rng = Lcg(stress_seed() | 1);
     // A first good checkpoint.
     let out = d.join("out.log");
     let mut cmd = d.run_cmd("big.lua", &[]);

@@ -346,17 +346,7 @@ fn inspect_reports_good_files_and_rejects_bad_ones_clearly() {
 #[test]
 fn stops_at_random_instants_then_resume_are_bit_identical() {
     let reference = straight();
-    // WICK_STRESS_SEED replays a failure's schedule.
-    let seed = std::env::var("WICK_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("delay seed {seed} (replay with WICK_STRESS_SEED={seed})");
+    let seed = stress_seed();
     for i in 0..15u64 {
         let d = setup();
         let mut child = d

@@ -256,3 +256,19 @@ pub fn read_pty_until(master: &mut std::fs::File, needle: &str, timeout: Duratio
     }
     false
 }
+
+/// A random schedule's seed: `WICK_STRESS_SEED` replays a failure; otherwise the clock.
+/// Printed, so a failing run says how to replay it.
+pub fn stress_seed() -> u64 {
+    let seed = std::env::var("WICK_STRESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("random schedule seed {seed} (replay with WICK_STRESS_SEED={seed})");
+    seed
+}
