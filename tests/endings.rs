@@ -172,18 +172,7 @@ fn a_checkpoint_directory_that_cannot_take_the_save_sends_the_state_to_the_rescu
     std::fs::set_permissions(&rescue, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::set_permissions(d.join("ckpt"), std::fs::Permissions::from_mode(0o555)).unwrap();
     let mut cmd = d.run_cmd("r.lua", &["--rescue-dir", rescue.to_str().unwrap()]);
-    if unsafe { libc::geteuid() } == 0 {
-        // root ignores permissions: run as nobody so the directory is really read-only.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    as_nobody_if_root(&mut cmd);
     let o = cmd.output().unwrap();
     std::fs::set_permissions(d.join("ckpt"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let err = stderr(&o);

@@ -298,17 +298,7 @@ fn save_failure_on_read_only_dir_exits_74_and_keeps_old_checkpoint() {
     std::fs::set_permissions(&ckdir, std::fs::Permissions::from_mode(0o555)).unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let mut cmd = d.run_cmd("r.lua", &[]);
-    if unsafe { libc::geteuid() } == 0 {
-        // root ignores permissions: run as nobody so the directory is really read-only.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    as_nobody_if_root(&mut cmd);
     let o = cmd.output().unwrap();
     std::fs::set_permissions(&ckdir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let err = stderr(&o);

@@ -89,33 +89,7 @@ pub enum Command {
         resume: Option<PathBuf>,
     },
     /// Run regression cases: *_test.lua files with test("name", fn) cases.
-    Test {
-        /// Test files or directories (default tests/regress).
-        paths: Vec<PathBuf>,
-        /// Only cases whose "file::name" contains this text.
-        #[arg(long)]
-        filter: Option<String>,
-        /// Cases run at once (default: the number of cores).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Seconds a case may run before it is stopped and failed.
-        #[arg(long, default_value_t = 600.0)]
-        timeout: f64,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
-        /// Write or update golden files instead of comparing with them.
-        #[arg(long)]
-        bless: bool,
-        /// Also write a JUnit XML report.
-        #[arg(long, value_name = "FILE")]
-        junit: Option<PathBuf>,
-        /// Compute device for every case: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Compute dtype for every case: f32 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-    },
+    Test(test::TestArgs),
     /// (internal) run one test case; used by `wick test`.
     #[command(hide = true)]
     TestCase {
@@ -243,35 +217,7 @@ pub fn dispatch(command: Command) -> Result<i32> {
         }
         Command::Inspect { ckpt, json } => inspect::inspect(&ckpt, json),
         Command::Repl { common, resume } => repl::run(common.spec(), resume),
-        Command::Test {
-            paths,
-            filter,
-            jobs,
-            timeout,
-            seed,
-            bless,
-            junit,
-            device,
-            dtype,
-        } => test::run(test::TestArgs {
-            paths: if paths.is_empty() {
-                vec![PathBuf::from("tests/regress")]
-            } else {
-                paths
-            },
-            filter,
-            jobs: jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            }),
-            timeout,
-            seed,
-            bless,
-            junit,
-            device,
-            dtype,
-        }),
+        Command::Test(args) => test::run(args),
         Command::TestCase {
             file,
             case,

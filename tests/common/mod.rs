@@ -272,3 +272,20 @@ pub fn stress_seed() -> u64 {
     eprintln!("random schedule seed {seed} (replay with WICK_STRESS_SEED={seed})");
     seed
 }
+
+/// Root ignores permissions: under root, run `cmd` as nobody so a read-only directory is
+/// really read-only to it.
+pub fn as_nobody_if_root(cmd: &mut Command) {
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}

@@ -12,16 +12,47 @@ use crate::error::{exit, Error, Result};
 use crate::host::signals;
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
 pub struct TestArgs {
+    /// Test files or directories (default tests/regress).
+    #[arg(default_value = "tests/regress")]
     pub paths: Vec<PathBuf>,
+    /// Only cases whose "file::name" contains this text.
+    #[arg(long)]
     pub filter: Option<String>,
-    pub jobs: usize,
+    /// Cases run at once (default: the number of cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Seconds a case may run before it is stopped and failed.
+    #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
+    #[arg(long, default_value_t = 1337)]
     pub seed: u64,
+    /// Write or update golden files instead of comparing with them.
+    #[arg(long)]
     pub bless: bool,
+    /// Also write a JUnit XML report.
+    #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
+    /// Compute device for every case: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute dtype for every case: f32 or bf16.
+    #[arg(long, default_value = "f32")]
     pub dtype: String,
+}
+
+impl TestArgs {
+    /// Cases run at once: `--jobs`, else the number of cores.
+    pub fn jobs(&self) -> usize {
+        self.jobs
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1)
+    }
 }
 
 pub struct Case {

@@ -139,7 +139,7 @@ pub fn run_all(cases: &[Case], outcomes: &mut Vec<Outcome>, args: &TestArgs) -> 
                 unsafe { libc::kill(r.child.id() as i32, libc::SIGINT) };
             }
         }
-        while running.len() < args.jobs.max(1) && !ran.interrupted {
+        while running.len() < args.jobs() && !ran.interrupted {
             let Some(i) = queue.pop() else { break };
             let case = &cases[i];
             if let Some(why) = &case.skip {
