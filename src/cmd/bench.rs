@@ -5,6 +5,7 @@
 use super::at_least_one;
 use crate::ckpt::{self, CkptMeta};
 use crate::error::{exit, Result as WickResult};
+use crate::model::cpu::matmul::Precision;
 use crate::model::{Llama, ModelConfig};
 use crate::train::{AdamW, AdamWConfig, Session, Windows};
 use crate::util::rng::Rng;
@@ -47,12 +48,16 @@ pub enum BenchCommand {
         tokenizer: Option<PathBuf>,
     },
     /// GFLOP/s of the CPU step's matrix products on the small configs' shapes (2048 token
-    /// rows; dim 288, hidden 768, vocab 256), beside `shared/bench/peak_gemm.py --model-shapes`.
+    /// rows; dim 288, hidden 768, vocab 256 and 32000), in f32 and bf16, beside
+    /// `shared/bench/peak_gemm.py --model-shapes`.
     Gemm {
         #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
         rows: usize,
         #[arg(long, default_value_t = 20, value_parser = at_least_one)]
         reps: usize,
+        /// Precisions to measure, comma-separated: f32, bf16.
+        #[arg(long, default_value = "f32,bf16")]
+        dtype: String,
     },
     /// Sampling speed: new tokens/s with the key/value cache, beside recomputing the window
     /// for every token (the small preset at seq_len 512, top-k 40, temperature 0.8).
@@ -103,14 +108,29 @@ pub fn run(what: BenchCommand) -> WickResult<i32> {
                 list.iter().map(|c| train_in_child(c, &o)).collect()
             }
         }
-        BenchCommand::Gemm { rows, reps } => gemm(
-            rows,
-            &[(288, 288), (288, 768), (768, 288), (288, 256)],
-            reps,
-        )
-        .into_iter()
-        .map(Ok)
-        .collect(),
+        BenchCommand::Gemm { rows, reps, dtype } => {
+            let mut precisions = Vec::new();
+            for d in dtype.split(',').map(str::trim) {
+                precisions.push(match d {
+                    "f32" => Precision::F32,
+                    "bf16" => Precision::Bf16,
+                    other => {
+                        return Err(crate::error::Error::usage(format!(
+                            "bench gemm --dtype: unknown precision '{other}'; use f32, bf16 or f32,bf16"
+                        )))
+                    }
+                });
+            }
+            gemm(
+                rows,
+                &[(288, 288), (288, 768), (768, 288), (288, 256), (288, 32000)],
+                reps,
+                &precisions,
+            )
+            .into_iter()
+            .map(Ok)
+            .collect()
+        }
         BenchCommand::Ckpt { dir, mb, reps } => vec![ckpt(&dir, mb, reps)],
         BenchCommand::Generate {
             preset,
@@ -282,6 +302,7 @@ pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
         "threads": rayon::current_num_threads(),
         "device": compute.device_name,
         "dtype": compute.dtype_name(),
+        "step_path": session.model.step_path(),
     }))
 }
 
@@ -610,10 +631,18 @@ pub fn train_in_child(name: &str, o: &TrainBench) -> Result<serde_json::Value, S
 /// GFLOP/s of the CPU training step's matrix products on a model's shapes, in the three
 /// layouts it uses: forward `x·wᵀ`, input gradient `dy·w`, weight gradient `dyᵀ·x`.
 /// Compare with `shared/bench/peak_gemm.py --model-shapes` (PyTorch/MKL on the same shapes).
-pub fn gemm(rows: usize, shapes: &[(usize, usize)], reps: usize) -> Vec<serde_json::Value> {
-    use crate::model::cpu::matmul::matmul_new;
+pub fn gemm(
+    rows: usize,
+    shapes: &[(usize, usize)],
+    reps: usize,
+    precisions: &[Precision],
+) -> Vec<serde_json::Value> {
+    use crate::model::cpu::matmul::{bf16_kernel, matmul_new};
     let mut out = Vec::new();
-    for &(inp, out_dim) in shapes {
+    for (&(inp, out_dim), &p) in shapes
+        .iter()
+        .flat_map(|s| precisions.iter().map(move |p| (s, p)))
+    {
         let fill = |len: usize, seed: u32| -> Vec<f32> {
             (0..len)
                 .map(|i| {
@@ -629,15 +658,15 @@ pub fn gemm(rows: usize, shapes: &[(usize, usize)], reps: usize) -> Vec<serde_js
         let layouts: [(&str, Run); 3] = [
             (
                 "forward x·wT",
-                Box::new(|| matmul_new((&x, inp, 1), (&w, 1, inp), (rows, out_dim, inp))),
+                Box::new(|| matmul_new((&x, inp, 1), (&w, 1, inp), (rows, out_dim, inp), p)),
             ),
             (
                 "input grad dy·w",
-                Box::new(|| matmul_new((&dy, out_dim, 1), (&w, inp, 1), (rows, inp, out_dim))),
+                Box::new(|| matmul_new((&dy, out_dim, 1), (&w, inp, 1), (rows, inp, out_dim), p)),
             ),
             (
                 "weight grad dyT·x",
-                Box::new(|| matmul_new((&dy, 1, out_dim), (&x, inp, 1), (out_dim, inp, rows))),
+                Box::new(|| matmul_new((&dy, 1, out_dim), (&x, inp, 1), (out_dim, inp, rows), p)),
             ),
         ];
         for (name, run) in layouts {
@@ -655,6 +684,8 @@ pub fn gemm(rows: usize, shapes: &[(usize, usize)], reps: usize) -> Vec<serde_js
             let flops = 2.0 * (rows * inp * out_dim) as f64;
             out.push(serde_json::json!({
                 "layout": name, "rows": rows, "in": inp, "out": out_dim,
+                "dtype": if p == Precision::Bf16 { "bf16" } else { "f32" },
+                "kernel": if p == Precision::Bf16 { bf16_kernel() } else { "f32" },
                 "ms_median": (med * 1000.0).round() / 1000.0,
                 "gflops_median": (flops / med / 1e6 * 10.0).round() / 10.0,
                 "threads": rayon::current_num_threads(),

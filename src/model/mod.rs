@@ -184,12 +184,35 @@ impl Llama {
         Ok(())
     }
 
-    /// Whether passes take the hand-written CPU path (f32 on the CPU, not switched off).
+    /// Whether passes take the hand-written CPU path (f32 master weights on the CPU, f32 or
+    /// bf16 products, not switched off).
     pub fn has_cpu_step(&self) -> bool {
         self.use_cpu_step
             && self.device.is_cpu()
-            && self.compute_dtype == DType::F32
+            && matches!(self.compute_dtype, DType::F32 | DType::BF16)
             && self.master_dtype() == DType::F32
+    }
+
+    /// Which code runs a training step, as benchmarks report it: "cpu-f32", "cpu-bf16-amx",
+    /// "cpu-bf16-f32" (bf16 asked for on a CPU without AMX) or "candle" (composed autograd:
+    /// GPUs, and the reference).
+    pub fn step_path(&self) -> &'static str {
+        match (self.has_cpu_step(), self.cpu_precision()) {
+            (false, _) => "candle",
+            (true, cpu::matmul::Precision::F32) => "cpu-f32",
+            (true, cpu::matmul::Precision::Bf16) if cpu::amx::available() => "cpu-bf16-amx",
+            (true, cpu::matmul::Precision::Bf16) => "cpu-bf16-f32",
+        }
+    }
+
+    /// How the hand-written CPU step multiplies by weight matrices: bf16 operands with f32
+    /// accumulation under `--dtype bf16`, else f32.
+    pub fn cpu_precision(&self) -> cpu::matmul::Precision {
+        if self.compute_dtype == DType::BF16 {
+            cpu::matmul::Precision::Bf16
+        } else {
+            cpu::matmul::Precision::F32
+        }
     }
 
     /// Loss and named gradients of one batch of windows (batch rows of `width` tokens), on the

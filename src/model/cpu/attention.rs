@@ -3,7 +3,7 @@
 //! matrices). Per-thread (T × T) scratch holds one head's probabilities block by block.
 
 use super::kernels::{causal_exp, causal_probs, softmax_backward};
-use super::matmul::{matmul_into, matmul_ptr, Threads};
+use super::matmul::{matmul_into, matmul_ptr, Precision::F32, Threads};
 
 thread_local! {
     /// Per-thread (t × t) scratch for attention blocks, reused across heads, layers and steps.
@@ -87,6 +87,7 @@ pub unsafe fn attention_head(
             (rows, i1, d),
             false,
             one,
+            F32,
         );
         causal_exp(pb, t, i0, rows, scale, &mut lse[i0..i1], &mut inv[..rows]);
         let ob = o.add(i0 * qs.ld);
@@ -158,6 +159,7 @@ pub unsafe fn attention_head_backward(
             (rows, i1, d),
             false,
             one,
+            F32,
         );
         causal_probs(pb, t, i0, rows, scale, &lse[i0..i1]);
         let db = &mut ds[i0 * t..];
@@ -169,6 +171,7 @@ pub unsafe fn attention_head_backward(
             (rows, i1, d),
             false,
             one,
+            F32,
         );
         softmax_backward(
             db,

@@ -6,6 +6,7 @@
 
 use super::kernels::{axpy, dot, rmsnorm_row, swiglu};
 use super::layer::{self, Pass};
+use super::matmul::Precision;
 use super::ops::{linear, rmsnorm, zeros};
 use super::weights::{LayerWeights, ModelWeights, ParamStorage};
 use super::Dims;
@@ -38,7 +39,7 @@ impl KvCache {
 /// y = W·x for W (out × in) row-major: the step's product with one row (gemm's small-m path
 /// beats a hand-rolled dot loop here by about 2x).
 fn matvec(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
-    linear(x, w, 1, x.len(), out)
+    linear(x, w, (1, x.len(), out), Precision::F32)
 }
 
 fn rope_one(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
@@ -188,6 +189,9 @@ fn prefill(model: &Llama, cache: &mut KvCache, window: &[u32]) -> Result<Vec<f32
         rope: (&cos, &sin),
         eps: cfg.norm_eps as f32,
         scale: 1.0 / (g.head_dim as f32).sqrt(),
+        // Sampling multiplies in f32 whatever the training precision: one row at a time gains
+        // nothing from tiles.
+        precision: Precision::F32,
     };
     let mut x = zeros(n * g.dim);
     for (row, &id) in x.chunks_mut(g.dim).zip(window) {
@@ -206,5 +210,5 @@ fn prefill(model: &Llama, cache: &mut KvCache, window: &[u32]) -> Result<Vec<f32
     let mut hf = zeros(n * g.dim);
     let mut rstd = zeros(n);
     rmsnorm(&mut hf, &mut rstd, &x, w.norm, g.dim, pass.eps);
-    Ok(linear(&hf[(n - 1) * g.dim..], w.head, 1, g.dim, g.vocab))
+    Ok(linear(&hf[(n - 1) * g.dim..], w.head, (1, g.dim, g.vocab), Precision::F32))
 }

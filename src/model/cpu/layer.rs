@@ -3,6 +3,7 @@
 
 use super::attention::{attention_head, attention_head_backward, with_scratch, SharedOut};
 use super::kernels::{swiglu, swiglu_backward};
+use super::matmul::Precision;
 use super::ops::{
     linear, linear_dw, linear_dx, linear_dx_add, rmsnorm, rmsnorm_backward, rope_in_place, zeros,
     ROWS,
@@ -19,6 +20,8 @@ pub struct Pass<'a> {
     pub eps: f32,
     /// 1/√D.
     pub scale: f32,
+    /// How the products with weight matrices multiply (attention's stay f32).
+    pub precision: Precision,
 }
 
 /// What the backward pass needs from one block's forward.
@@ -54,9 +57,9 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
     let mut h1 = zeros(n * c);
     let mut rstd1 = zeros(n);
     rmsnorm(&mut h1, &mut rstd1, x, w.attn_norm, c, p.eps);
-    let mut q = linear(&h1, w.wq, n, c, c);
-    let mut k = linear(&h1, w.wk, n, c, kvc);
-    let v = linear(&h1, w.wv, n, c, kvc);
+    let mut q = linear(&h1, w.wq, (n, c, c), p.precision);
+    let mut k = linear(&h1, w.wk, (n, c, kvc), p.precision);
+    let v = linear(&h1, w.wv, (n, c, kvc), p.precision);
     rope_in_place(&mut q, g.heads, g, p.rope, false);
     rope_in_place(&mut k, g.kv_heads, g, p.rope, false);
     let mut y = zeros(n * c);
@@ -81,7 +84,7 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
             }
         })
     });
-    let mut x_mid = linear(&y, w.wo, n, c, c);
+    let mut x_mid = linear(&y, w.wo, (n, c, c), p.precision);
     x_mid
         .par_iter_mut()
         .zip(x.par_iter())
@@ -90,13 +93,13 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
     let mut h2 = zeros(n * c);
     let mut rstd2 = zeros(n);
     rmsnorm(&mut h2, &mut rstd2, &x_mid, w.ffn_norm, c, p.eps);
-    let gate = linear(&h2, w.w1, n, c, f);
-    let up = linear(&h2, w.w3, n, c, f);
+    let gate = linear(&h2, w.w1, (n, c, f), p.precision);
+    let up = linear(&h2, w.w3, (n, c, f), p.precision);
     let mut act = zeros(n * f);
     act.par_chunks_mut(f * ROWS)
         .zip(gate.par_chunks(f * ROWS).zip(up.par_chunks(f * ROWS)))
         .for_each(|(a, (gt, u))| swiglu(a, gt, u));
-    let mut x_out = linear(&act, w.w2, n, f, c);
+    let mut x_out = linear(&act, w.w2, (n, f, c), p.precision);
     x_out.par_iter_mut().zip(&x_mid).for_each(|(a, x)| *a += x);
     let x_in = std::mem::replace(x, x_out);
     keep.then_some(LayerActs {
@@ -146,18 +149,18 @@ fn feed_forward_backward(
     dx: &mut [f32],
 ) -> FfnGrads {
     let (n, c, f) = (p.g.tokens, p.g.dim, p.g.hidden);
-    let dw2 = linear_dw(dx, &a.act, n, f, c);
-    let mut dgate = linear_dx(dx, w.w2, n, f, c); // (N, F): d(act), then d(gate)
+    let dw2 = linear_dw(dx, &a.act, (n, f, c), p.precision);
+    let mut dgate = linear_dx(dx, w.w2, (n, f, c), p.precision); // (N, F): d(act), then d(gate)
     let mut dup = std::mem::take(&mut a.up); // (N, F): up, then d(up) in place
     dgate
         .par_chunks_mut(f * ROWS)
         .zip(dup.par_chunks_mut(f * ROWS))
         .zip(a.gate.par_chunks(f * ROWS))
         .for_each(|((da, u), gt)| swiglu_backward(da, u, gt));
-    let dw1 = linear_dw(&dgate, &a.h2, n, c, f);
-    let dw3 = linear_dw(&dup, &a.h2, n, c, f);
-    let mut dh2 = linear_dx(&dgate, w.w1, n, c, f);
-    linear_dx_add(&mut dh2, &dup, w.w3, n, c, f);
+    let dw1 = linear_dw(&dgate, &a.h2, (n, c, f), p.precision);
+    let dw3 = linear_dw(&dup, &a.h2, (n, c, f), p.precision);
+    let mut dh2 = linear_dx(&dgate, w.w1, (n, c, f), p.precision);
+    linear_dx_add(&mut dh2, &dup, w.w3, (n, c, f), p.precision);
     let mut d_norm = vec![0f32; c];
     // The residual passes d(x_out) to x_mid unchanged, plus the norm's share.
     rmsnorm_backward(dx, &mut d_norm, &dh2, &a.x_mid, &a.rstd2, w.ffn_norm, c);
@@ -171,8 +174,8 @@ type AttentionGrads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 fn attention_backward(p: &Pass, w: &LayerWeights, a: LayerActs, dx: &mut [f32]) -> AttentionGrads {
     let g = &p.g;
     let (n, c, kvc) = (g.tokens, g.dim, g.kv_dim());
-    let dwo = linear_dw(dx, &a.y, n, c, c);
-    let dy = linear_dx(dx, w.wo, n, c, c); // (N, C)
+    let dwo = linear_dw(dx, &a.y, (n, c, c), p.precision);
+    let dy = linear_dx(dx, w.wo, (n, c, c), p.precision); // (N, C)
     let mut dq = zeros(n * c);
     let mut dk = zeros(n * kvc);
     let mut dv = zeros(n * kvc);
@@ -208,12 +211,12 @@ fn attention_backward(p: &Pass, w: &LayerWeights, a: LayerActs, dx: &mut [f32]) 
     drop(dy);
     rope_in_place(&mut dq, g.heads, g, p.rope, true);
     rope_in_place(&mut dk, g.kv_heads, g, p.rope, true);
-    let dwq = linear_dw(&dq, &a.h1, n, c, c);
-    let dwk = linear_dw(&dk, &a.h1, n, c, kvc);
-    let dwv = linear_dw(&dv, &a.h1, n, c, kvc);
-    let mut dh1 = linear_dx(&dq, w.wq, n, c, c);
-    linear_dx_add(&mut dh1, &dk, w.wk, n, c, kvc);
-    linear_dx_add(&mut dh1, &dv, w.wv, n, c, kvc);
+    let dwq = linear_dw(&dq, &a.h1, (n, c, c), p.precision);
+    let dwk = linear_dw(&dk, &a.h1, (n, c, kvc), p.precision);
+    let dwv = linear_dw(&dv, &a.h1, (n, c, kvc), p.precision);
+    let mut dh1 = linear_dx(&dq, w.wq, (n, c, c), p.precision);
+    linear_dx_add(&mut dh1, &dk, w.wk, (n, c, kvc), p.precision);
+    linear_dx_add(&mut dh1, &dv, w.wv, (n, c, kvc), p.precision);
     let mut d_norm = vec![0f32; c];
     rmsnorm_backward(dx, &mut d_norm, &dh1, &a.x_in, &a.rstd1, w.attn_norm, c);
     (dwq, dwk, dwv, dwo, d_norm)

@@ -20,16 +20,38 @@ pub enum Threads {
     One,
 }
 
+/// How a product multiplies: in f32, or with operands rounded to bf16 and f32 accumulation
+/// (on AMX tiles where the CPU has them; elsewhere such products run in f32).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+/// The kernel `Precision::Bf16` products run on here, as benchmarks report it.
+pub fn bf16_kernel() -> &'static str {
+    if super::amx::available() {
+        "amx-bf16"
+    } else {
+        "f32 (no AMX on this CPU)"
+    }
+}
+
 /// A new (m × n) matrix a·b on all threads. gemm writes it straight into fresh memory: with
 /// read_dst false it never reads the destination, so the zeroing pass of `vec![0.0; ..]` is
 /// skipped.
-pub fn matmul_new(a: Operand, b: Operand, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+pub fn matmul_new(
+    a: Operand,
+    b: Operand,
+    (m, n, k): (usize, usize, usize),
+    precision: Precision,
+) -> Vec<f32> {
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
     // SAFETY: the destination is the Vec's own capacity (m·n elements, row stride n), every
     // element of which gemm writes without reading it (read_dst = false) before the length
     // is set; matmul_ptr checks the operands.
     unsafe {
-        matmul_ptr(c.as_mut_ptr(), n, a, b, (m, n, k), false, Threads::All);
+        product(c.as_mut_ptr(), n, a, b, (m, n, k), false, Threads::All, precision);
         c.set_len(m * n);
     }
     c
@@ -44,11 +66,47 @@ pub fn matmul_into(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     threads: Threads,
+    precision: Precision,
 ) {
     assert!(m > 0 && c.len() >= (m - 1) * ldc + n);
-    // SAFETY: the assert keeps every write inside `c` (matmul_ptr checks the operands and
+    // SAFETY: the assert keeps every write inside `c` (product checks the operands and
     // n <= ldc); `c` is borrowed mutably, so nothing else touches it or overlaps it.
-    unsafe { matmul_ptr(c.as_mut_ptr(), ldc, a, b, (m, n, k), accumulate, threads) }
+    unsafe {
+        product(
+            c.as_mut_ptr(),
+            ldc,
+            a,
+            b,
+            (m, n, k),
+            accumulate,
+            threads,
+            precision,
+        )
+    }
+}
+
+/// `matmul_ptr` in the given precision.
+///
+/// # Safety
+/// As for `matmul_ptr`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    c: *mut f32,
+    ldc: usize,
+    a: Operand,
+    b: Operand,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    threads: Threads,
+    precision: Precision,
+) {
+    if precision == Precision::Bf16 && super::amx::available() {
+        check_operands(a, b, (m, n, k));
+        assert!(n <= ldc);
+        super::amx::matmul(c, ldc, a, b, (m, n, k), accumulate, threads)
+    } else {
+        matmul_ptr(c, ldc, a, b, (m, n, k), accumulate, threads)
+    }
 }
 
 fn check_operands(a: Operand, b: Operand, (m, n, k): (usize, usize, usize)) {

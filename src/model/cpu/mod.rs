@@ -22,6 +22,7 @@
 //! (row chunks of a fixed size, partial sums added in chunk order; products split only the
 //! output).
 
+pub mod amx;
 mod attention;
 pub mod decode;
 pub mod kernels;

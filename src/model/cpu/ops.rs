@@ -3,25 +3,28 @@
 //! Every reduction runs in fixed row chunks, so results do not depend on the thread count.
 
 use super::kernels::{rmsnorm_backward_row, rmsnorm_row};
-use super::matmul::{matmul_into, matmul_new, Threads};
+use super::matmul::{matmul_into, matmul_new, Precision, Threads};
 use super::Dims;
 use rayon::prelude::*;
 
 /// Rows per parallel task for row-wise ops and for the partial sums of norm-weight gradients.
 pub const ROWS: usize = 32;
 
+/// (rows, inp, out) of a product with a weight matrix (out×inp as stored).
+pub type Shape = (usize, usize, usize);
+
 /// y (rows×out) = x (rows×inp) · wᵀ, w being (out×inp) as stored.
-pub fn linear(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
-    matmul_new((x, inp, 1), (w, 1, inp), (rows, out, inp))
+pub fn linear(x: &[f32], w: &[f32], (rows, inp, out): Shape, p: Precision) -> Vec<f32> {
+    matmul_new((x, inp, 1), (w, 1, inp), (rows, out, inp), p)
 }
 
 /// dx (rows×inp) = dy (rows×out) · w.
-pub fn linear_dx(dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
-    matmul_new((dy, out, 1), (w, inp, 1), (rows, inp, out))
+pub fn linear_dx(dy: &[f32], w: &[f32], (rows, inp, out): Shape, p: Precision) -> Vec<f32> {
+    matmul_new((dy, out, 1), (w, inp, 1), (rows, inp, out), p)
 }
 
 /// dx += dy · w.
-pub fn linear_dx_add(dx: &mut [f32], dy: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) {
+pub fn linear_dx_add(dx: &mut [f32], dy: &[f32], w: &[f32], (rows, inp, out): Shape, p: Precision) {
     matmul_into(
         dx,
         inp,
@@ -30,12 +33,13 @@ pub fn linear_dx_add(dx: &mut [f32], dy: &[f32], w: &[f32], rows: usize, inp: us
         (rows, inp, out),
         true,
         Threads::All,
+        p,
     );
 }
 
 /// dw (out×inp) = dyᵀ · x.
-pub fn linear_dw(dy: &[f32], x: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
-    matmul_new((dy, 1, out), (x, inp, 1), (out, inp, rows))
+pub fn linear_dw(dy: &[f32], x: &[f32], (rows, inp, out): Shape, p: Precision) -> Vec<f32> {
+    matmul_new((dy, 1, out), (x, inp, 1), (out, inp, rows), p)
 }
 
 /// RMSNorm forward: out = x · rstd · w per row; rstd saved for the backward.
