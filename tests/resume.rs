@@ -140,6 +140,33 @@ fn interrupted_then_resumed_is_bit_identical_to_a_straight_run() {
     }
 }
 
+/// bf16 on the CPU (AMX tile products where the CPU has them) resumes exactly too, and the
+/// thread count changes no bit: the resumed half runs on 2 threads, the straight run on 1.
+#[test]
+fn bf16_interrupted_then_resumed_on_more_threads_is_bit_identical() {
+    let d = setup();
+    let o = d.run("r.lua", &["--dtype", "bf16"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(ckpt_meta(&d.ckpt())["dtype"], "bf16");
+    let reference = (ckpt_tensors(&d.ckpt()), losses(&d));
+    let f32_run = straight();
+    assert!(
+        f32_run.0 != reference.0,
+        "--dtype bf16 trained exactly like f32: the flag did nothing"
+    );
+
+    let d = setup();
+    let o = d.run("r.lua", &["--dtype", "bf16", "--", "--sigint-at", "7"]);
+    assert_eq!(code(&o), 130, "{}", stderr(&o));
+    let o = d
+        .run_cmd("r.lua", &["--dtype", "bf16", "--resume"])
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_same(&d, &reference, "bf16, resumed on 2 threads");
+}
+
 #[test]
 fn interrupted_during_the_first_step_then_resumed_is_bit_identical() {
     let reference = straight();
