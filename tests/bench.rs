@@ -60,9 +60,13 @@ fn bench_gemm_measures_every_layout_of_every_shape() {
         .output()
         .unwrap();
     let lines = json_lines(&o);
-    assert_eq!(lines.len(), 12, "4 shapes × 3 layouts");
+    assert_eq!(lines.len(), 30, "5 shapes × 3 layouts × (f32, bf16)");
+    let dtypes: std::collections::BTreeSet<_> =
+        lines.iter().map(|r| r["dtype"].to_string()).collect();
+    assert_eq!(dtypes.len(), 2, "f32 and bf16");
     for r in &lines {
         assert_eq!(r["rows"], 256);
+        assert!(r["kernel"].is_string(), "{r}");
         assert!(r["gflops_median"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["ms_median"].as_f64().unwrap() > 0.0, "{r}");
     }
@@ -89,6 +93,17 @@ fn zero_counts_are_refused_by_name() {
         assert!(err.contains(option) && err.contains("at least 1"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn bench_gemm_refuses_an_unknown_precision_by_name() {
+    let o = Command::new(wick_bin())
+        .args(["bench", "gemm", "--dtype", "f32,f16"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(code(&o), 2, "{err}");
+    assert!(err.contains("--dtype") && err.contains("'f16'"), "{err}");
 }
 
 #[test]

@@ -8,8 +8,8 @@ fn final_val_loss(dir: &std::path::Path) -> f64 {
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     metrics
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64())
-        .last()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64())
         .expect("a validation loss")
 }
 
@@ -41,8 +41,18 @@ fn tiny_recipe_in_bf16_ends_within_two_percent_of_f32() {
 fn bench_step_path(no_amx: bool) -> serde_json::Value {
     let mut cmd = Command::new(wick_bin());
     cmd.args([
-        "bench", "train", "--configs", "tiny", "--steps", "1", "--warmup", "0", "--batch", "1",
-        "--dtype", "bf16",
+        "bench",
+        "train",
+        "--configs",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "1",
+        "--dtype",
+        "bf16",
     ]);
     if no_amx {
         cmd.env("WICK_NO_AMX", "1");
@@ -59,7 +69,11 @@ fn bench_says_which_products_ran() {
     let cpu_has_amx = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .contains(" amx_bf16");
-    let expected = if cpu_has_amx { "cpu-bf16-amx" } else { "cpu-bf16-f32" };
+    let expected = if cpu_has_amx {
+        "cpu-bf16-amx"
+    } else {
+        "cpu-bf16-f32"
+    };
     assert_eq!(bench_step_path(false), expected);
     assert_eq!(bench_step_path(true), "cpu-bf16-f32");
 }

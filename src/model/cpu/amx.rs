@@ -60,7 +60,13 @@ fn request_tile_state() -> bool {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: a plain system call with integer arguments; it fails cleanly (non-zero) on
     // kernels or VMs without AMX support.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
 }
 
 /// f32 → bf16 as the packing instruction (`vcvtne2ps2bf16`) rounds: to nearest even, with
@@ -113,29 +119,33 @@ impl Packed<'_> {
 
 /// Pack A (m×k, element (i, kk) at `a[i·rs + kk·cs]`) into A tiles, rounding to bf16.
 fn pack_a(dst: &mut [u16], a: Operand, m: usize, k: usize, k_tiles: usize) {
-    dst.par_chunks_mut(TILE_LEN).enumerate().for_each(|(t, tile)| {
-        let (mt, kt) = (t / k_tiles, t % k_tiles);
-        let (i0, k0) = (mt * TILE_ROWS, kt * TILE_K);
-        let rows = m.saturating_sub(i0).min(TILE_ROWS);
-        let ks = k.saturating_sub(k0).min(TILE_K);
-        // SAFETY: AMX implies AVX-512 BW and BF16; `tile_from` reads only elements inside
-        // the operand (rows × ks from (i0, k0)).
-        unsafe { tile_from(tile, a, (i0, k0), (rows, ks), Layout::A) }
-    });
+    dst.par_chunks_mut(TILE_LEN)
+        .enumerate()
+        .for_each(|(t, tile)| {
+            let (mt, kt) = (t / k_tiles, t % k_tiles);
+            let (i0, k0) = (mt * TILE_ROWS, kt * TILE_K);
+            let rows = m.saturating_sub(i0).min(TILE_ROWS);
+            let ks = k.saturating_sub(k0).min(TILE_K);
+            // SAFETY: AMX implies AVX-512 BW and BF16; `tile_from` reads only elements inside
+            // the operand (rows × ks from (i0, k0)).
+            unsafe { tile_from(tile, a, (i0, k0), (rows, ks), Layout::A) }
+        });
 }
 
 /// Pack B (k×n, element (kk, j) at `b[kk·rs + j·cs]`) into VNNI B tiles, rounding to bf16:
 /// read as its transpose Bᵀ (n × k), whose rows are B's columns.
 fn pack_b(dst: &mut [u16], b: Operand, k: usize, n: usize, k_tiles: usize) {
     let (src, rs, cs) = b;
-    dst.par_chunks_mut(TILE_LEN).enumerate().for_each(|(t, tile)| {
-        let (nt, kt) = (t / k_tiles, t % k_tiles);
-        let (j0, k0) = (nt * TILE_ROWS, kt * TILE_K);
-        let cols = n.saturating_sub(j0).min(TILE_ROWS);
-        let ks = k.saturating_sub(k0).min(TILE_K);
-        // SAFETY: as in pack_a, on Bᵀ.
-        unsafe { tile_from(tile, (src, cs, rs), (j0, k0), (cols, ks), Layout::B) }
-    });
+    dst.par_chunks_mut(TILE_LEN)
+        .enumerate()
+        .for_each(|(t, tile)| {
+            let (nt, kt) = (t / k_tiles, t % k_tiles);
+            let (j0, k0) = (nt * TILE_ROWS, kt * TILE_K);
+            let cols = n.saturating_sub(j0).min(TILE_ROWS);
+            let ks = k.saturating_sub(k0).min(TILE_K);
+            // SAFETY: as in pack_a, on Bᵀ.
+            unsafe { tile_from(tile, (src, cs, rs), (j0, k0), (cols, ks), Layout::B) }
+        });
 }
 
 /// Where a tile keeps the bf16 pair (k = 2p, 2p+1) of operand row i (of Bᵀ's row, for B).
@@ -223,11 +233,10 @@ unsafe fn transpose_words(rows: &mut [__m512i; 16]) {
 }
 
 use std::arch::x86_64::{
-    __m512i, _mm512_cvtne2ps_pbh, _mm512_i32gather_ps,
-    _mm512_mask_i32gather_ps, _mm512_maskz_loadu_ps, _mm512_permutexvar_epi16,
-    _mm512_set_epi16, _mm512_set_epi32, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_shuffle_i32x4, _mm512_storeu_si512, _mm512_unpackhi_epi32, _mm512_unpackhi_epi64,
-    _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
+    __m512i, _mm512_cvtne2ps_pbh, _mm512_i32gather_ps, _mm512_mask_i32gather_ps,
+    _mm512_maskz_loadu_ps, _mm512_permutexvar_epi16, _mm512_set_epi16, _mm512_set_epi32,
+    _mm512_setzero_ps, _mm512_setzero_si512, _mm512_shuffle_i32x4, _mm512_storeu_si512,
+    _mm512_unpackhi_epi32, _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
 };
 
 /// Mask of the first `count` (≤ 16) lanes.
@@ -269,21 +278,40 @@ unsafe fn pairs_from_rows(
         Some(p) => {
             let s = stride as i32;
             let idx = _mm512_set_epi32(
-                15 * s, 14 * s, 13 * s, 12 * s, 11 * s, 10 * s, 9 * s, 8 * s,
-                7 * s, 6 * s, 5 * s, 4 * s, 3 * s, 2 * s, s, 0,
+                15 * s,
+                14 * s,
+                13 * s,
+                12 * s,
+                11 * s,
+                10 * s,
+                9 * s,
+                8 * s,
+                7 * s,
+                6 * s,
+                5 * s,
+                4 * s,
+                3 * s,
+                2 * s,
+                s,
+                0,
             );
             if count >= 16 {
                 _mm512_i32gather_ps::<4>(idx, p as *const u8 as *const _)
             } else {
-                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), lanes(count), idx, p as *const u8 as *const _)
+                _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    lanes(count),
+                    idx,
+                    p as *const u8 as *const _,
+                )
             }
         }
     };
     // [a0..a15, b0..b15] as bf16, then interleaved to a0 b0 a1 b1 ...
     let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(load(b), load(a)));
     let interleave = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
     );
     _mm512_permutexvar_epi16(interleave, both)
 }
@@ -345,7 +373,13 @@ pub unsafe fn matmul(
             if pa.len() < a_len {
                 pa.resize(a_len, 0);
             }
-            pack_a(&mut pa[..a_len], (&a.0[r0 * a.1..], a.1, a.2), rows, k, k_tiles);
+            pack_a(
+                &mut pa[..a_len],
+                (&a.0[r0 * a.1..], a.1, a.2),
+                rows,
+                k,
+                k_tiles,
+            );
             let pa = Packed {
                 data: &pa[..a_len],
                 k_tiles,
@@ -561,7 +595,9 @@ mod tests {
         }
         // Random bit patterns: normal numbers, denormals, infinities and NaNs.
         let mut rng = crate::util::rng::Rng::new(9);
-        let mut x: Vec<f32> = (0..32 * 16).map(|_| f32::from_bits(rng.next_u64() as u32)).collect();
+        let mut x: Vec<f32> = (0..32 * 16)
+            .map(|_| f32::from_bits(rng.next_u64() as u32))
+            .collect();
         x[0] = 1e-40; // a denormal
         x[1] = -1e-41;
         let mut tile = vec![0u16; TILE_LEN];
@@ -593,7 +629,13 @@ mod tests {
             eprintln!("no AMX on this CPU: kernel test skipped");
             return;
         }
-        for &(m, n, k) in &[(1, 1, 1), (17, 33, 31), (40, 70, 65), (64, 64, 64), (100, 3, 300)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (17, 33, 31),
+            (40, 70, 65),
+            (64, 64, 64),
+            (100, 3, 300),
+        ] {
             for &(ta, tb) in &[(false, false), (true, false), (false, true), (true, true)] {
                 let a_data = random(m * k, 1);
                 let b_data = random(k * n, 2);
@@ -604,7 +646,15 @@ mod tests {
                     let ldc = n + 3;
                     let mut c = vec![0.5f32; m * ldc];
                     unsafe {
-                        matmul(c.as_mut_ptr(), ldc, a, b, (m, n, k), accumulate, Threads::All)
+                        matmul(
+                            c.as_mut_ptr(),
+                            ldc,
+                            a,
+                            b,
+                            (m, n, k),
+                            accumulate,
+                            Threads::All,
+                        )
                     };
                     for i in 0..m {
                         for j in 0..ldc {
@@ -635,11 +685,24 @@ mod tests {
         let b = random(k * n, 4);
         let run = |threads| {
             let mut c = vec![0f32; m * n];
-            unsafe { matmul(c.as_mut_ptr(), n, (&a, k, 1), (&b, n, 1), (m, n, k), false, threads) };
+            unsafe {
+                matmul(
+                    c.as_mut_ptr(),
+                    n,
+                    (&a, k, 1),
+                    (&b, n, 1),
+                    (m, n, k),
+                    false,
+                    threads,
+                )
+            };
             c
         };
         let one = run(Threads::One);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let three = pool.install(|| run(Threads::All));
         assert_eq!(one, three);
     }

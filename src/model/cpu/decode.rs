@@ -210,5 +210,10 @@ fn prefill(model: &Llama, cache: &mut KvCache, window: &[u32]) -> Result<Vec<f32
     let mut hf = zeros(n * g.dim);
     let mut rstd = zeros(n);
     rmsnorm(&mut hf, &mut rstd, &x, w.norm, g.dim, pass.eps);
-    Ok(linear(&hf[(n - 1) * g.dim..], w.head, (1, g.dim, g.vocab), Precision::F32))
+    Ok(linear(
+        &hf[(n - 1) * g.dim..],
+        w.head,
+        (1, g.dim, g.vocab),
+        Precision::F32,
+    ))
 }

@@ -51,13 +51,23 @@ pub fn matmul_new(
     // element of which gemm writes without reading it (read_dst = false) before the length
     // is set; matmul_ptr checks the operands.
     unsafe {
-        product(c.as_mut_ptr(), n, a, b, (m, n, k), false, Threads::All, precision);
+        product(
+            c.as_mut_ptr(),
+            n,
+            a,
+            b,
+            (m, n, k),
+            false,
+            Threads::All,
+            precision,
+        );
         c.set_len(m * n);
     }
     c
 }
 
 /// c (m×n, row stride `ldc`: a block of a wider matrix) = a·b, or c += a·b with `accumulate`.
+#[allow(clippy::too_many_arguments)] // the product's shape, destination and how to run it
 pub fn matmul_into(
     c: &mut [f32],
     ldc: usize,

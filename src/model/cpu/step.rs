@@ -305,7 +305,11 @@ mod tests {
 
     /// Relative L2 distance of two gradients.
     fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-        let diff: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let diff: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
         (diff / norm).sqrt()
     }
