@@ -391,8 +391,13 @@ pub unsafe fn matmul(
     });
 }
 
-/// The blocks of one band of rows, packed: tasks are bands of up to 4 block-rows (their A
-/// panels stay in L2) by bands of up to 8 block-columns.
+/// The blocks of one band of rows, packed: tasks are bands of up to 4 block-rows by bands of
+/// up to 8 block-columns (their B panels stay in L2).
+///
+/// What bounds it, measured on this machine's AMX: `tdpbf16ps` alone runs at ≈ 3 TFLOP/s per
+/// core, but a `tileloadd` costs ≈ 16 ns (43 cycles) even from L1, so the 2×2 kernel (one load
+/// per product) tops out near 1 TFLOP/s per core with its operands in L1 and reaches
+/// 450–500 GFLOP/s streaming panels from L2 — `torch.mm` in bf16 gets ≈ 1.1 TFLOP/s per core.
 fn products(
     dest: Dest,
     ldc: usize,
@@ -414,8 +419,10 @@ fn products(
         // blocks of the destination.
         unsafe {
             configure_tiles();
-            for nb in blocks_n {
-                for mb in blocks_m.clone() {
+            // Block-rows outer: a block-row's A panel stays in L1 across the band's columns
+            // (measured 5–10 % faster than columns outer on the layer shapes).
+            for mb in blocks_m {
+                for nb in blocks_n.clone() {
                     block(dest.ptr(), ldc, pa, pb, (mb, nb), (m, n), accumulate);
                 }
             }
@@ -707,3 +714,4 @@ mod tests {
         assert_eq!(one, three);
     }
 }
+
