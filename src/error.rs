@@ -25,6 +25,8 @@ pub enum Kind {
     Diverged,
     /// A stop (Ctrl+C, SIGTERM, SIGHUP) ended the work at a boundary (exit 128 + signal).
     Interrupted,
+    /// Data-parallel: another rank stopped answering (exit 1).
+    PeerLost,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +66,13 @@ impl Error {
         }
     }
 
+    pub fn peer_lost(message: impl Into<String>) -> Error {
+        Error {
+            kind: Kind::PeerLost,
+            message: message.into(),
+        }
+    }
+
     pub fn save_failed(message: impl Into<String>) -> Error {
         Error {
             kind: Kind::SaveFailed,
@@ -82,7 +91,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self.kind {
             Kind::Usage => exit::USAGE,
-            Kind::Failed | Kind::Diverged => exit::ERROR,
+            Kind::Failed | Kind::Diverged | Kind::PeerLost => exit::ERROR,
             Kind::SaveFailed => exit::SAVE_FAILED,
             Kind::Interrupted => crate::host::signals::exit_code(
                 crate::host::signals::received().unwrap_or(libc::SIGINT),
@@ -118,13 +127,13 @@ impl From<crate::ckpt::SaveError> for Error {
     }
 }
 
-/// Errors reach a recipe as Lua errors. Usage errors (a resume that does not fit) and
-/// divergence keep their kind, so the guard still picks their ending and exit code.
+/// Errors reach a recipe as Lua errors. Usage errors (a resume that does not fit),
+/// divergence and a lost peer keep their kind, so the guard still picks their ending and exit code.
 impl From<Error> for mlua::Error {
     fn from(e: Error) -> mlua::Error {
         match e.kind {
             Kind::Interrupted => mlua::Error::external(crate::host::signals::Interrupted),
-            Kind::Usage | Kind::Diverged => mlua::Error::external(e),
+            Kind::Usage | Kind::Diverged | Kind::PeerLost => mlua::Error::external(e),
             _ => mlua::Error::runtime(e.message),
         }
     }

@@ -10,6 +10,7 @@ pub mod ckpt;
 pub mod cmd;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod host;
 pub mod model;

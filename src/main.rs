@@ -17,5 +17,7 @@ fn main() -> ExitCode {
             e.exit_code()
         }
     };
+    // A launcher reports ranks that exit without leaving the MPI group as failures.
+    wick::dist::finish();
     ExitCode::from(code.clamp(0, 255) as u8)
 }

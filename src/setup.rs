@@ -58,6 +58,8 @@ pub struct RunSpec {
     /// Cap on the Lua heap in bytes (0: none).
     pub lua_memory: usize,
     pub rescue_dir: Option<PathBuf>,
+    /// `wick run`: may be one rank of a data-parallel group (the REPL and test cases may not).
+    pub data_parallel: bool,
 }
 
 impl RunSpec {
@@ -80,6 +82,7 @@ impl RunSpec {
             owns_dir: true,
             lua_memory: default_lua_memory(),
             rescue_dir: None,
+            data_parallel: false,
         }
     }
 }
@@ -156,47 +159,44 @@ fn recipe_hash(src: &str) -> String {
     format!("xxh3:{:016x}", xxhash_rust::xxh3::xxh3_64(src.as_bytes()))
 }
 
-/// A launcher (mpirun, srun) started several copies of this process: this build has no MPI,
-/// so they would be independent runs fighting over one checkpoint directory. Said, not tried.
-fn refuse_parallel_launch() -> Result<()> {
-    let size = |var: &str| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    };
-    for var in [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "MV2_COMM_WORLD_SIZE",
-    ] {
-        if let Some(n) = size(var).filter(|&n| n > 1) {
+/// Join the launcher's group if one started several copies of this process (`mpirun`,
+/// `srun`): only `wick run` trains data-parallel; rank 0 alone owns the checkpoint directory,
+/// prints and writes metrics.
+fn join_group(spec: &RunSpec) -> Result<crate::dist::Group> {
+    let group = crate::dist::init().map_err(Error::usage)?;
+    if group.size > 1 {
+        if !spec.data_parallel {
             return Err(Error::usage(format!(
-                "this process is one of {n} started by an MPI launcher ({var}={n}), but this wick has no data-parallel training: the copies would be independent runs overwriting one checkpoint. Run one process (no mpirun/srun -n {n})"
+                "this process is one of {} started by a launcher, but only wick run trains data-parallel; start wick repl and wick test as one process (without mpirun/srun)",
+                group.size
             )));
         }
+        signals::defer_to_group();
     }
-    if let (Some(n), Some(_)) = (size("SLURM_NTASKS"), size("SLURM_PROCID")) {
-        if n > 1 && std::env::var_os("SLURM_STEP_ID").is_some() {
-            return Err(Error::usage(format!(
-                "this process is one of {n} tasks of a SLURM step (SLURM_NTASKS={n}), but this wick has no data-parallel training; run it with srun -n 1 (or --ntasks=1)"
-            )));
-        }
-    }
-    Ok(())
+    Ok(group)
 }
 
 /// Everything before the first line of Lua runs.
 pub fn open(spec: &RunSpec) -> Result<Run> {
-    refuse_parallel_launch()?;
+    let group = join_group(spec)?;
+    let leader = group.rank == 0;
+    let quiet = spec.quiet || !leader;
+    if !leader {
+        progress::set_quiet(true);
+    }
     let compute = crate::device::open(&spec.device, &spec.dtype).map_err(Error::usage)?;
     signals::install()?;
-    if spec.owns_dir {
+    if spec.owns_dir && leader {
         crate::run::lock::acquire(&spec.ckpt_dir)?;
         crate::host::output::open_log(&spec.ckpt_dir);
     }
     let ckpt_path = ckpt_path(&spec.ckpt_dir);
-    for stale in ckpt::sweep_stale(&ckpt_path) {
+    let stale = if leader {
+        ckpt::sweep_stale(&ckpt_path)
+    } else {
+        Vec::new()
+    };
+    for stale in stale {
         if !spec.quiet {
             progress::warn(&format!(
                 "removed a temp file left by an interrupted save: {}",
@@ -205,8 +205,22 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
         }
     }
     let hash = spec.recipe.as_ref().map(|(_, src)| recipe_hash(src));
-    let resume = load_resume(spec, &ckpt_path, hash.as_deref())?;
-    if resume.is_none() && !spec.quiet {
+    let resume = load_resume(spec, &ckpt_path, hash.as_deref(), quiet)?;
+    crate::dist::same_everywhere(&[
+        ("recipe", crate::dist::digest(hash.as_deref().unwrap_or(""))),
+        ("recipe arguments", crate::dist::digest(&spec.args.join("\0"))),
+        ("--seed", spec.seed),
+        (
+            "--device/--dtype",
+            crate::dist::digest(&format!("{} {}", spec.device, spec.dtype)),
+        ),
+        (
+            "checkpoint to resume (its step)",
+            resume.as_ref().map(|c| c.meta.step).unwrap_or(u64::MAX),
+        ),
+    ])
+    .map_err(Error::usage)?;
+    if resume.is_none() && !quiet {
         if let Some(msg) = announce_existing(&ckpt_path) {
             progress::warn(&msg);
         }
@@ -216,15 +230,16 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
         seed: spec.seed,
         compute,
         save_every: spec.save_every,
-        metrics_every: spec.metrics_every,
+        metrics_every: if leader { spec.metrics_every } else { 0 },
         tensorboard: match &spec.tensorboard {
+            _ if !leader => None,
             None => Some(spec.ckpt_dir.join("tb")),
             Some(dir) => dir.clone(),
         },
         recipe: spec.recipe.as_ref().map(|(p, _)| p.clone()),
         recipe_hash: hash,
         args: spec.args.clone(),
-        quiet: spec.quiet,
+        quiet,
         golden_dir: spec.golden_dir.clone(),
         bless: spec.bless,
         rescue_dir: spec.rescue_dir.clone(),
@@ -241,6 +256,7 @@ fn load_resume(
     spec: &RunSpec,
     ckpt_path: &Path,
     hash: Option<&str>,
+    quiet: bool,
 ) -> Result<Option<Arc<Checkpoint>>> {
     let path = match &spec.resume {
         Resume::No => return Ok(None),
@@ -254,7 +270,7 @@ fn load_resume(
             progress::warn(&format!("warning: {warning}"));
         }
     }
-    if !spec.quiet {
+    if !quiet {
         progress::warn(&format!(
             "resuming from {} at step {} (reason {})",
             path.display(),

@@ -8,6 +8,8 @@
 ---@field resumed boolean True when the run continues a checkpoint (`--resume`).
 ---@field device string The compute device (`cpu`, `cuda:0`, ...; `--device`).
 ---@field dtype string The compute dtype (`f32` or `bf16`; `--dtype`). Weights stay f32.
+---@field rank integer Data-parallel: this process's rank (0 alone; rank 0 prints, logs and saves).
+---@field world_size integer Data-parallel: the number of ranks (1 alone). `session:step` trains this rank's rows of each batch.
 ---@field version string wick's version.
 ---@field state table Your own plain data, saved in the checkpoint and restored on resume.
 ---@field optim wick.optim

@@ -178,7 +178,7 @@ fn next_batch(loader: &LoaderHandle) -> mlua::Result<BatchHandle> {
         .0
         .lock()
         .map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
-    match l.next(&signals::stop_requested) {
+    match l.next(&signals::should_unwind) {
         Ok((w, cursor)) => Ok(BatchHandle {
             windows: Arc::new(w),
             source: Some((loader.0.clone(), cursor)),

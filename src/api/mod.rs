@@ -23,7 +23,7 @@ pub fn context(lua: &Lua) -> mlua::Result<SharedContext> {
 
 /// Every host call starts here: a pending stop ends the script at this boundary.
 pub fn check_stop() -> mlua::Result<()> {
-    if signals::stop_requested() {
+    if signals::should_unwind() {
         return Err(mlua::Error::external(Interrupted));
     }
     Ok(())
@@ -48,6 +48,14 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     };
     let wick = lua.create_table()?;
     wick.set("args", args.clone())?;
+    // Data-parallel: this process's rank and the number of ranks (0 and 1 alone).
+    wick.set("rank", crate::dist::group().rank)?;
+    wick.set("world_size", crate::dist::group().size)?;
+    if !crate::dist::is_leader() {
+        // Every rank runs the same recipe: its prints would repeat rank 0's, once per rank.
+        lua.globals()
+            .set("print", lua.create_function(|_, _: mlua::MultiValue| Ok(()))?)?;
+    }
     wick.set("seed", seed)?;
     wick.set("resumed", resumed)?;
     wick.set("device", device)?;
@@ -72,11 +80,11 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
 
     wick.set(
         "__stopping",
-        lua.create_function(|_, ()| Ok(signals::stop_requested()))?,
+        lua.create_function(|_, ()| Ok(signals::should_unwind()))?,
     )?;
     wick.set(
         "stopping",
-        lua.create_function(|_, ()| Ok(signals::stop_requested()))?,
+        lua.create_function(|_, ()| Ok(signals::should_unwind()))?,
     )?;
     wick.set("log", lua.create_function(log)?)?;
     wick.set("save", lua.create_function(save)?)?;

@@ -211,6 +211,7 @@ pub fn dispatch(command: Command) -> Result<i32> {
                 resume: run::resume_arg(resume),
                 strict,
                 args,
+                data_parallel: true,
                 ..common.spec()
             };
             run::run(&recipe, spec)

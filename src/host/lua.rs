@@ -205,10 +205,10 @@ pub fn install_stop_hook(lua: &Lua) -> mlua::Result<()> {
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
         |lua, _| {
-            if signals::stop_requested() {
+            if signals::should_unwind() {
                 let _ =
                     lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), |_, _| {
-                        if signals::stop_requested() {
+                        if signals::should_unwind() {
                             Err(mlua::Error::external(Interrupted))
                         } else {
                             Ok(VmState::Continue)

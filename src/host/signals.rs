@@ -47,6 +47,36 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::Relaxed)
 }
 
+/// In a data-parallel run a signal only marks this rank: the ranks agree on a stop at the next
+/// step boundary, and only then does the script unwind (on every rank at the same step).
+static DEFER_TO_GROUP: AtomicBool = AtomicBool::new(false);
+static AGREED: AtomicBool = AtomicBool::new(false);
+
+/// Make signals wait for the group's agreement before the script unwinds.
+pub fn defer_to_group() {
+    DEFER_TO_GROUP.store(true, Ordering::SeqCst);
+}
+
+/// The group agreed to stop (some rank was signalled with `sig`): unwind here, and exit as
+/// that signal would.
+pub fn agreed_stop(sig: i32) {
+    if LAST_SIGNAL.load(Ordering::SeqCst) == 0 {
+        LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    }
+    AGREED.store(true, Ordering::SeqCst);
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Whether the script should unwind now: a stop was asked for, and (in a data-parallel run)
+/// the ranks agreed on it, or the user insisted with a second signal.
+pub fn should_unwind() -> bool {
+    STOP.load(Ordering::Relaxed)
+        && (!DEFER_TO_GROUP.load(Ordering::Relaxed)
+            || AGREED.load(Ordering::Relaxed)
+            || COUNT.load(Ordering::Relaxed) >= 2
+            || EXIT_CODE.load(Ordering::Relaxed) != NO_EXIT)
+}
+
 /// The signal that asked to stop, if any.
 pub fn received() -> Option<i32> {
     match LAST_SIGNAL.load(Ordering::Relaxed) {

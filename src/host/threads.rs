@@ -30,19 +30,20 @@ fn keep_freed_memory() {
 pub fn init_compute_threads() {
     set_flush_denormals();
     keep_freed_memory();
+    pin_candle_thread_count();
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(|_| set_flush_denormals())
         .build_global();
-    pin_candle_thread_count();
 }
 
 /// candle asks for its thread count before every CPU matrix product and, unless
 /// RAYON_NUM_THREADS is set, works it out again by reading /proc/cpuinfo (≈ 55 reads per
-/// sampled token of the small model, most of its time). Compute its answer once and pin it;
-/// rayon's own pool is already built, so its size does not change.
+/// sampled token of the small model, most of its time). Compute its answer once and pin it,
+/// before rayon's pool is built, so both use the same count. Ranks of a data-parallel group
+/// started on one machine share its cores.
 fn pin_candle_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
+        let n = (candle_core::utils::get_num_threads() / crate::dist::local_size()).max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }

@@ -22,6 +22,8 @@ pub enum Ending {
     Diverged(String),
     /// The recipe called `os.exit(code)`.
     Exit(i32),
+    /// Data-parallel: another rank stopped answering.
+    PeerLost(String),
 }
 
 impl Ending {
@@ -35,13 +37,14 @@ impl Ending {
             Ending::Refused(_) => "refused",
             Ending::Diverged(_) => "diverged",
             Ending::Exit(_) => "exit",
+            Ending::PeerLost(_) => "peer-lost",
         }
     }
 
     pub fn exit_code(&self) -> i32 {
         match self {
             Ending::Completed | Ending::ReplExit => exit::OK,
-            Ending::Failed(_) | Ending::Diverged(_) => exit::ERROR,
+            Ending::Failed(_) | Ending::Diverged(_) | Ending::PeerLost(_) => exit::ERROR,
             Ending::Stopped(sig) => signals::exit_code(*sig),
             Ending::Panicked(_) => exit::PANIC,
             Ending::Refused(_) => exit::USAGE,
@@ -82,6 +85,10 @@ pub fn run_with(f: impl FnOnce() -> mlua::Result<mlua::MultiValue>) -> (Ending, 
 pub fn classify_error(e: &mlua::Error) -> Ending {
     if let Some(code) = signals::exit_requested() {
         return Ending::Exit(code);
+    }
+    // A lost peer explains a stop signal that came with it (the launcher's).
+    if let Some(h) = crate::error::find_in(e).filter(|h| h.kind == Kind::PeerLost) {
+        return Ending::PeerLost(h.message.clone());
     }
     if is_interrupt(e) || signals::stop_requested() {
         return Ending::Stopped(signals::received().unwrap_or(libc::SIGINT));
@@ -126,8 +133,41 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
         Ending::Refused(msg) => progress::error(msg),
         Ending::Diverged(msg) => progress::error(msg),
         Ending::Exit(code) => progress::warn(&format!("the recipe called os.exit({code})")),
+        Ending::PeerLost(msg) => progress::error(msg),
     }
     let code = ending.exit_code();
+    if crate::dist::group().size > 1 {
+        return finalize_rank(lua, ctx, ending, code);
+    }
+    save_final(lua, ctx, ending, code)
+}
+
+/// Data-parallel ending: rank 0 alone saves; every rank then exits with rank 0's code (74 on
+/// all when its save failed). After a lost peer no collective can be trusted: rank 0 saves and
+/// ends the whole job, the others give it time to (a rank that exits first makes the launcher
+/// kill the rest). A rank that stopped alone (the group broken) exits with its own code.
+fn finalize_rank(lua: &Lua, ctx: &SharedContext, ending: &Ending, code: i32) -> i32 {
+    let lost = matches!(ending, Ending::PeerLost(_));
+    let code = if crate::dist::is_leader() {
+        save_final(lua, ctx, ending, code)
+    } else {
+        code
+    };
+    if lost {
+        if crate::dist::is_leader() {
+            crate::dist::abort(code);
+        }
+        std::thread::sleep(crate::dist::peer_timeout().min(std::time::Duration::from_secs(30)));
+        return code;
+    }
+    if crate::dist::broken() {
+        return code;
+    }
+    crate::dist::leader_code(code).unwrap_or(code)
+}
+
+/// Write the final checkpoint for `ending`; the exit code (74 when the save failed).
+fn save_final(lua: &Lua, ctx: &SharedContext, ending: &Ending, code: i32) -> i32 {
     if matches!(ending, Ending::Refused(_)) {
         crate::errln!("wick: nothing saved; the checkpoint is untouched");
         return code;

@@ -30,6 +30,9 @@ pub fn train(
 ) -> Result<f64> {
     let started = Instant::now();
     let step_tokens = (windows.batch * (windows.width - 1)) as u64;
+    if crate::dist::group().size > 1 {
+        agree_on_step(session, windows)?;
+    }
     let result = lock_session(session)?.train_step(windows);
     if result.is_ok() {
         commit();
@@ -52,7 +55,7 @@ pub fn train(
             };
             super::metrics::step(&mut lock(ctx), &row);
             let save_every = lock(ctx).opts.save_every;
-            if save_every.is_some_and(|n| n > 0 && step % n == 0) {
+            if save_every.is_some_and(|n| n > 0 && step % n == 0) && crate::dist::is_leader() {
                 let state = state();
                 let mut c = lock(ctx);
                 let r = checkpointing::save(&mut c, state, "periodic", None, false)?;
@@ -68,16 +71,46 @@ pub fn train(
             let mut c = lock(ctx);
             let path = diverged_path(&c.opts.ckpt_path);
             c.diverged = true;
-            match checkpointing::save(&mut c, state, "diverged", Some(path), true) {
-                Ok(r) => progress::warn(&checkpointing::describe(&r, "diverged")),
-                Err(e) => progress::warn(&format!("could not keep the diverged state: {e}")),
+            if crate::dist::is_leader() {
+                match checkpointing::save(&mut c, state, "diverged", Some(path), true) {
+                    Ok(r) => progress::warn(&checkpointing::describe(&r, "diverged")),
+                    Err(e) => progress::warn(&format!("could not keep the diverged state: {e}")),
+                }
             }
             Err(Error::diverged(msg))
         }
+        Err(StepError::PeerLost(m)) => Err(Error::peer_lost(m)),
+        Err(StepError::Interrupted) => Err(Error::interrupted()),
         Err(StepError::Failed(e)) => Err(Error::failed(format!(
             "session:step: {}",
             super::guard::strip_backtrace(&e.to_string())
         ))),
+    }
+}
+
+/// Data-parallel: before a step, the ranks agree whether to take it (a stop asked of any rank
+/// stops them all here, before the step) and check that they train the same model on the
+/// same batch.
+fn agree_on_step(session: &Mutex<Session>, windows: &Windows) -> Result<()> {
+    let model_digest = {
+        let s = lock_session(session)?;
+        crate::dist::digest(&format!("{:?}", s.model.config))
+    };
+    let mark = if signals::stop_requested() {
+        signals::received().unwrap_or(libc::SIGINT)
+    } else {
+        0
+    };
+    let batch_digest = crate::dist::digest_tokens(&windows.tokens);
+    match crate::dist::agree(mark, model_digest, batch_digest) {
+        Ok(crate::dist::Agreement::Go) => Ok(()),
+        Ok(crate::dist::Agreement::Stop(sig)) => {
+            signals::agreed_stop(sig);
+            Err(Error::interrupted())
+        }
+        Err(crate::dist::Disagreement::Lost(l)) if l.by_signal => Err(Error::interrupted()),
+        Err(crate::dist::Disagreement::Lost(l)) => Err(Error::peer_lost(l.message)),
+        Err(crate::dist::Disagreement::Differ(m)) => Err(Error::usage(m)),
     }
 }
 
@@ -114,7 +147,7 @@ pub fn eval(session: &Mutex<Session>, loader: &Arc<Mutex<Loader>>, n: usize) -> 
         let mut l = loader
             .lock()
             .map_err(|_| Error::failed("loader is unusable after a crash"))?;
-        l.eval_batches(n.max(1), &signals::stop_requested)
+        l.eval_batches(n.max(1), &signals::should_unwind)
             .map_err(|e| match e {
                 NextError::Interrupted => Error::interrupted(),
                 NextError::Data(m) => Error::failed(m),
@@ -123,7 +156,7 @@ pub fn eval(session: &Mutex<Session>, loader: &Arc<Mutex<Loader>>, n: usize) -> 
     let s = lock_session(session)?;
     let mut total = 0.0;
     for b in &batches {
-        if signals::stop_requested() {
+        if signals::should_unwind() {
             return Err(Error::interrupted());
         }
         s.check_windows(b)?;

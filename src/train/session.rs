@@ -26,6 +26,8 @@ pub struct StepTiming {
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optim_ms: f64,
+    /// Data-parallel: averaging the gradients over the ranks (0 alone).
+    pub allreduce_ms: f64,
 }
 
 #[derive(Debug)]
@@ -36,6 +38,11 @@ pub enum StepError {
         what: String,
     },
     Failed(candle_core::Error),
+    /// Data-parallel: the other ranks did not answer while averaging the gradients.
+    PeerLost(String),
+    /// Data-parallel: a stop signal came while waiting on the other ranks, and they did not
+    /// answer within the stop grace. The update was not applied.
+    Interrupted,
 }
 
 impl std::fmt::Display for StepError {
@@ -46,6 +53,8 @@ impl std::fmt::Display for StepError {
                 "training diverged at step {step}: {what}; lower the learning rate or clip harder"
             ),
             StepError::Failed(e) => write!(f, "{e}"),
+            StepError::PeerLost(m) => write!(f, "{m}"),
+            StepError::Interrupted => write!(f, "interrupted"),
         }
     }
 }
@@ -65,6 +74,15 @@ pub struct Windows {
 }
 
 impl Windows {
+    /// Rows `rows` of the batch.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Windows {
+        Windows {
+            tokens: self.tokens[rows.start * self.width..rows.end * self.width].to_vec(),
+            batch: rows.len(),
+            width: self.width,
+        }
+    }
+
     pub fn to_tensor(&self, model: &Llama) -> candle_core::Result<Tensor> {
         Tensor::from_slice(&self.tokens, (self.batch, self.width), model.device())
     }
@@ -114,7 +132,17 @@ impl Session {
             .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
         let next_step = self.step + 1;
         let t0 = Instant::now();
-        let (loss_value, grads, t1) = if self.model.has_cpu_step() {
+        // Data-parallel: this rank trains on its share of the global batch's rows.
+        let share;
+        let windows = if crate::dist::group().size > 1 {
+            let rows = crate::dist::my_rows(windows.batch)
+                .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
+            share = windows.rows(rows);
+            &share
+        } else {
+            windows
+        };
+        let (mut loss_value, mut grads, t1) = if self.model.has_cpu_step() {
             // Forward and backward in one hand-written pass (see model/cpu_step.rs).
             let r = self
                 .model
@@ -137,6 +165,11 @@ impl Session {
             };
             (loss_value, grads, t1)
         };
+        let t_avg = Instant::now();
+        if crate::dist::group().size > 1 {
+            average_over_ranks(&mut grads, &mut loss_value)?;
+        }
+        let allreduce_ms = t_avg.elapsed().as_secs_f64() * 1e3;
         if !loss_value.is_finite() {
             return Err(StepError::Diverged {
                 step: next_step,
@@ -166,8 +199,9 @@ impl Session {
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         self.last_timing = StepTiming {
             forward_ms: ms(t0, t1),
-            backward_ms: ms(t1, t2),
+            backward_ms: ms(t1, t2) - allreduce_ms,
             optim_ms: ms(t2, t3),
+            allreduce_ms,
         };
         Ok(loss_value)
     }
@@ -177,4 +211,35 @@ impl Session {
         self.model
             .eval_loss(&windows.tokens, windows.batch, windows.width)
     }
+}
+
+/// Average the loss and every gradient over the ranks, as one flat buffer in name order (the
+/// same order on every rank: the map is sorted).
+fn average_over_ranks(
+    grads: &mut std::collections::BTreeMap<String, Tensor>,
+    loss: &mut f64,
+) -> Result<(), StepError> {
+    let mut flat: Vec<f32> = Vec::new();
+    let mut shapes = Vec::with_capacity(grads.len());
+    for g in grads.values() {
+        let v = g
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        shapes.push((v.len(), g.shape().clone(), g.dtype(), g.device().clone()));
+        flat.extend_from_slice(&v);
+    }
+    crate::dist::average(&mut flat, loss).map_err(|l| {
+        if l.by_signal {
+            StepError::Interrupted
+        } else {
+            StepError::PeerLost(l.message)
+        }
+    })?;
+    let mut offset = 0;
+    for (g, (len, shape, dtype, device)) in grads.values_mut().zip(shapes) {
+        *g = Tensor::from_slice(&flat[offset..offset + len], shape, &device)?.to_dtype(dtype)?;
+        offset += len;
+    }
+    Ok(())
 }

@@ -112,7 +112,7 @@ impl Repl {
                 signals::clear();
                 let _ = host_lua::install_stop_hook(&self.lua());
             }
-            ending @ (Ending::Stopped(_) | Ending::Exit(_)) => {
+            ending @ (Ending::Stopped(_) | Ending::Exit(_) | Ending::PeerLost(_)) => {
                 return Err(guard::finalize(&self.lua(), &self.ctx, &ending))
             }
             Ending::Failed(m) | Ending::Diverged(m) | Ending::Refused(m) => {

@@ -131,7 +131,9 @@ pub fn run_case(file: &Path, name: &str, run: CaseRun, result: &Path) -> Result<
     let (ending, _) = guard::run_with(|| f.call::<mlua::MultiValue>(()));
     let message = match &ending {
         Ending::Completed | Ending::ReplExit => String::new(),
-        Ending::Failed(m) | Ending::Diverged(m) | Ending::Refused(m) => m.clone(),
+        Ending::Failed(m) | Ending::Diverged(m) | Ending::Refused(m) | Ending::PeerLost(m) => {
+            m.clone()
+        }
         Ending::Stopped(sig) => {
             format!("interrupted by {}", crate::host::signals::signal_name(*sig))
         }
