@@ -208,7 +208,10 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
     let resume = load_resume(spec, &ckpt_path, hash.as_deref(), quiet)?;
     crate::dist::same_everywhere(&[
         ("recipe", crate::dist::digest(hash.as_deref().unwrap_or(""))),
-        ("recipe arguments", crate::dist::digest(&spec.args.join("\0"))),
+        (
+            "recipe arguments",
+            crate::dist::digest(&spec.args.join("\0")),
+        ),
         ("--seed", spec.seed),
         (
             "--device/--dtype",
@@ -220,6 +223,14 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
         ),
     ])
     .map_err(Error::usage)?;
+    if let Some(c) = resume.as_ref().filter(|c| c.meta.world_size != group.size) {
+        if !quiet {
+            progress::warn(&format!(
+                "the checkpoint was written by {} rank(s) and this run has {}: the data cursor is global, so training continues on the same data in the same order; each rank now trains on 1/{} of every batch",
+                c.meta.world_size, group.size, group.size
+            ));
+        }
+    }
     if resume.is_none() && !quiet {
         if let Some(msg) = announce_existing(&ckpt_path) {
             progress::warn(&msg);

@@ -150,6 +150,7 @@ fn model_vocab_must_match_tokenizer() {
 /// Started as several copies by an MPI launcher or srun, a build without data-parallel
 /// training refuses (exit 2) instead of running N independent runs over one checkpoint.
 #[test]
+#[cfg(not(feature = "mpi"))]
 fn a_parallel_launch_without_mpi_support_is_refused() {
     let d = Dir::new();
     d.write("r.lua", "print('should not run')\n");

@@ -53,8 +53,10 @@ pub fn install(lua: &Lua) -> mlua::Result<()> {
     wick.set("world_size", crate::dist::group().size)?;
     if !crate::dist::is_leader() {
         // Every rank runs the same recipe: its prints would repeat rank 0's, once per rank.
-        lua.globals()
-            .set("print", lua.create_function(|_, _: mlua::MultiValue| Ok(()))?)?;
+        lua.globals().set(
+            "print",
+            lua.create_function(|_, _: mlua::MultiValue| Ok(()))?,
+        )?;
     }
     wick.set("seed", seed)?;
     wick.set("resumed", resumed)?;

@@ -32,6 +32,10 @@ pub struct CkptMeta {
     /// stored in f32 whatever it was, and a run may resume on another device or dtype.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// Ranks of the data-parallel run that wrote it (1 alone). Informational: the data cursor
+    /// is the one global cursor, so a run resumes with any number of ranks.
+    #[serde(default = "one")]
+    pub world_size: usize,
     #[serde(default)]
     pub loaders: BTreeMap<String, SavedLoader>,
     /// The recipe's own `wick.state` table.
@@ -90,4 +94,8 @@ pub fn format_unix(t: f64) -> String {
 
 fn default_dtype() -> String {
     "f32".into()
+}
+
+fn one() -> usize {
+    1
 }

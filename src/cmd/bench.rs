@@ -101,8 +101,10 @@ pub fn run(what: BenchCommand) -> WickResult<i32> {
                 dtype,
             };
             let list: Vec<&str> = configs.split(',').map(str::trim).collect();
-            if list.len() == 1 {
-                vec![train(list[0], &o)]
+            // Under mpirun every rank runs the benchmark data-parallel, in this process.
+            let group = crate::dist::init().map_err(crate::error::Error::usage)?;
+            if list.len() == 1 || group.size > 1 {
+                list.iter().map(|c| train(c, &o)).collect()
             } else {
                 // One process per config: peak RSS is per process.
                 list.iter().map(|c| train_in_child(c, &o)).collect()
@@ -143,6 +145,7 @@ pub fn run(what: BenchCommand) -> WickResult<i32> {
     let mut code = exit::OK;
     for r in results {
         match r {
+            Ok(_) if !crate::dist::is_leader() => {}
             Ok(v) => crate::outln!("{v}"),
             Err(e) => {
                 crate::host::progress::error(&e);
@@ -259,8 +262,8 @@ pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
     let mut session = Session::new(model, AdamW::new(optim));
     let mut rng = Rng::new(7);
     let width = c.seq_len + 1;
-    let (mut step_ms, mut fwd, mut bwd, mut opt, mut data) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut step_ms, mut fwd, mut bwd, mut opt, mut data, mut allreduce) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for i in 0..warmup + steps {
         let t0 = Instant::now();
         let tokens: Vec<u32> = (0..batch * width)
@@ -280,6 +283,7 @@ pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
             fwd.push(t.forward_ms);
             bwd.push(t.backward_ms);
             opt.push(t.optim_ms);
+            allreduce.push(t.allreduce_ms);
             data.push(data_ms);
         }
     }
@@ -303,6 +307,8 @@ pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
         "device": compute.device_name,
         "dtype": compute.dtype_name(),
         "step_path": session.model.step_path(),
+        "ranks": crate::dist::group().size,
+        "allreduce_ms": (median(&mut allreduce) * 100.0).round() / 100.0,
     }))
 }
 
@@ -343,6 +349,7 @@ pub fn ckpt(dir: &Path, mb: usize, reps: usize) -> Result<serde_json::Value, Str
         saved_unix: 0.0,
         device: "cpu".into(),
         dtype: "f32".into(),
+        world_size: 1,
         loaders: Default::default(),
         state: serde_json::Value::Null,
         recipe: None,

@@ -209,7 +209,11 @@ pub fn agree(stop: i32, model_digest: u64, batch_digest: u64) -> Result<Agreemen
         }
     }
     Ok(
-        match marks.chunks(3).map(|m| m[0] as i64 as i32).find(|&s| s != 0) {
+        match marks
+            .chunks(3)
+            .map(|m| m[0] as i64 as i32)
+            .find(|&s| s != 0)
+        {
             Some(sig) => Agreement::Stop(sig),
             None => Agreement::Go,
         },

@@ -94,6 +94,7 @@ pub fn snapshot(
         saved_unix: now_unix(),
         device: ctx.opts.compute.device_name.clone(),
         dtype: ctx.opts.compute.dtype_name().into(),
+        world_size: crate::dist::group().size,
         loaders,
         state,
         recipe: ctx.opts.recipe.as_ref().map(|p| p.display().to_string()),

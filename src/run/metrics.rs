@@ -118,6 +118,10 @@ fn open(ctx: &RunContext) -> Result<MetricsSink> {
 
 /// The open sink; None when metrics cannot be written (said once: metrics never stop a run).
 fn sink(ctx: &mut RunContext) -> Option<&mut MetricsSink> {
+    // Data-parallel: rank 0 alone writes the run's metrics.
+    if !crate::dist::is_leader() {
+        return None;
+    }
     if ctx.metrics.is_none() && !ctx.metrics_unavailable {
         match open(ctx) {
             Ok(s) => ctx.metrics = Some(s),

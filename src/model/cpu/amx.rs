@@ -714,4 +714,3 @@ mod tests {
         assert_eq!(one, three);
     }
 }
-
