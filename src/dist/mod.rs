@@ -280,7 +280,7 @@ pub fn digest(text: &str) -> u64 {
 /// This rank's rows of a global batch of `batch` rows: `rank·b/size .. (rank+1)·b/size`.
 pub fn my_rows(batch: usize) -> Result<std::ops::Range<usize>, String> {
     let Group { rank, size } = group();
-    if batch % size != 0 {
+    if !batch.is_multiple_of(size) {
         return Err(format!(
             "a batch of {batch} rows cannot be split evenly over {size} ranks: use a batch that is a multiple of the number of ranks"
         ));
