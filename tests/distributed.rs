@@ -11,6 +11,14 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// One MPI job at a time: on a 2-core machine several jobs at once would make steps slow
+/// enough to test the machine rather than wick.
+static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_job() -> std::sync::MutexGuard<'static, ()> {
+    ONE_JOB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// `mpirun -n N wick ARGS` (Open MPI; root allowed, more ranks than cores allowed), one
 /// compute thread per rank.
 fn mpirun(n: usize, args: &[&str]) -> Command {
@@ -23,9 +31,15 @@ fn mpirun(n: usize, args: &[&str]) -> Command {
         .arg(wick_bin())
         .args(args)
         .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdin(Stdio::null());
     c
+}
+
+/// `mpirun` for a run the test signals: stdout dropped, stderr to `log`.
+fn spawn_mpirun(n: usize, args: &[&str], log: &std::path::Path) -> std::process::Child {
+    let mut c = mpirun(n, args);
+    c.stdout(Stdio::null());
+    spawn_logged(c, log)
 }
 
 /// `wick run scripts/tiny.lua` into `ckpt`, for `steps` steps, with `extra` options.
@@ -67,6 +81,7 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
 /// differences in small gradients into differences of its own size).
 #[test]
 fn two_ranks_train_what_one_rank_trains() {
+    let _job = one_job();
     let d = Dir::new();
     let one = d.join("one");
     let o = Command::new(wick_bin())
@@ -118,6 +133,7 @@ fn two_ranks_train_what_one_rank_trains() {
 /// 2-rank run.
 #[test]
 fn ctrl_c_on_mpirun_stops_all_ranks_and_resumes_exactly() {
+    let _job = one_job();
     let d = Dir::new();
     let straight = d.join("straight");
     let o = mpirun(2, &strs(&tiny(&straight, 60, &[])))
@@ -127,15 +143,16 @@ fn ctrl_c_on_mpirun_stops_all_ranks_and_resumes_exactly() {
 
     let ckpt = d.join("stopped");
     let log = d.join("mpirun.log");
-    let mut child = spawn_logged(mpirun(2, &strs(&tiny(&ckpt, 60, &[]))), &log);
+    let mut child = spawn_mpirun(2, &strs(&tiny(&ckpt, 60, &[])), &log);
     assert!(
         wait_for_line(&mut child, &log, "step 1/60 loss", Duration::from_secs(120)),
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     send(&child, libc::SIGINT);
-    let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("mpirun ended");
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
+    let status = status.unwrap_or_else(|| panic!("mpirun did not end: {text}"));
     assert!(!status.success(), "{text}");
     assert_eq!(text.matches("stopped by SIGTERM").count(), 2, "{text}");
     let meta = ckpt_meta(&ckpt.join("full_model.ckpt"));
@@ -160,10 +177,11 @@ fn ctrl_c_on_mpirun_stops_all_ranks_and_resumes_exactly() {
 /// (exit 130); the checkpoint then resumes with one rank, which says the world size changed.
 #[test]
 fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
+    let _job = one_job();
     let d = Dir::new();
     let ckpt = d.join("ckpt");
     let log = d.join("mpirun.log");
-    let mut child = spawn_logged(mpirun(2, &strs(&tiny(&ckpt, 60, &[]))), &log);
+    let mut child = spawn_mpirun(2, &strs(&tiny(&ckpt, 60, &[])), &log);
     assert!(wait_for_line(
         &mut child,
         &log,
@@ -180,8 +198,9 @@ fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
         .collect();
     assert_eq!(pids.len(), 2, "ranks of mpirun: {pids:?}");
     unsafe { libc::kill(*pids.iter().max().unwrap(), libc::SIGINT) };
-    let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("mpirun ended");
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
+    let status = status.unwrap_or_else(|| panic!("mpirun did not end: {text}"));
     assert_eq!(status.code(), Some(130), "{text}");
     assert_eq!(
         text.matches("stopped by SIGINT").count(),
@@ -210,10 +229,11 @@ fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
 /// checkpoint of a completed step that resumes.
 #[test]
 fn a_killed_rank_hangs_nobody_and_leaves_a_checkpoint() {
+    let _job = one_job();
     let d = Dir::new();
     let ckpt = d.join("ckpt");
     let log = d.join("mpirun.log");
-    let mut child = spawn_logged(mpirun(2, &strs(&tiny(&ckpt, 400, &[]))), &log);
+    let mut child = spawn_mpirun(2, &strs(&tiny(&ckpt, 400, &[])), &log);
     assert!(wait_for_line(
         &mut child,
         &log,
@@ -242,6 +262,7 @@ fn a_killed_rank_hangs_nobody_and_leaves_a_checkpoint() {
 /// WICK_PEER_TIMEOUT, writes the last completed step with reason peer-lost and ends the job.
 #[test]
 fn an_unresponsive_rank_is_declared_lost_after_the_timeout() {
+    let _job = one_job();
     let d = Dir::new();
     let ckpt = d.join("ckpt");
     let log = d.join("mpirun.log");
@@ -253,7 +274,8 @@ fn an_unresponsive_rank_is_declared_lost_after_the_timeout() {
         .args(["-x", "WICK_PEER_TIMEOUT"])
         .args(cmd.get_args())
         .current_dir(repo_root())
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
     let mut child = spawn_logged(c, &log);
     assert!(wait_for_line(
         &mut child,
@@ -271,8 +293,19 @@ fn an_unresponsive_rank_is_declared_lost_after_the_timeout() {
         .max()
         .expect("a rank");
     unsafe { libc::kill(rank1, libc::SIGSTOP) };
-    let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("no rank hangs");
+    // Rank 0 notices within the timeout, saves and ends the job (MPI_Abort). Open MPI cannot
+    // end a stopped process until it runs again: the test resumes it once rank 0 has saved.
+    let saved = wait_for_line(
+        &mut child,
+        &log,
+        "reason peer-lost",
+        Duration::from_secs(30),
+    );
+    unsafe { libc::kill(rank1, libc::SIGCONT) };
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
+    assert!(saved, "{text}");
+    let status = status.unwrap_or_else(|| panic!("a rank hangs: {text}"));
     assert!(!status.success(), "{text}");
     assert!(text.contains("no answer from the other ranks"), "{text}");
     let meta = ckpt_meta(&ckpt.join("full_model.ckpt"));
@@ -283,6 +316,7 @@ fn an_unresponsive_rank_is_declared_lost_after_the_timeout() {
 /// recipe arguments at start, other data at the first step.
 #[test]
 fn ranks_that_disagree_are_refused_by_name() {
+    let _job = one_job();
     let d = Dir::new();
     let ckpt = d.join("ckpt").display().to_string();
     let bin = wick_bin();
