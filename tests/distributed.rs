@@ -53,6 +53,30 @@ fn tiny(ckpt: &std::path::Path, steps: u32, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// Once training is under way (`needle` in the log), the process id of the last rank mpirun
+/// started (rank 1 of 2).
+fn last_rank_once_training(
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+    needle: &str,
+) -> i32 {
+    assert!(
+        wait_for_line(child, log, needle, Duration::from_secs(120)),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    let ranks = Command::new("pgrep")
+        .args(["-P", &child.id().to_string()])
+        .output()
+        .unwrap();
+    let pids: Vec<i32> = String::from_utf8_lossy(&ranks.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "ranks of mpirun: {pids:?}");
+    pids.into_iter().max().unwrap_or_default()
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(|s| s.as_str()).collect()
 }
@@ -182,22 +206,8 @@ fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
     let ckpt = d.join("ckpt");
     let log = d.join("mpirun.log");
     let mut child = spawn_mpirun(2, &strs(&tiny(&ckpt, 60, &[])), &log);
-    assert!(wait_for_line(
-        &mut child,
-        &log,
-        "step 1/60 loss",
-        Duration::from_secs(120)
-    ));
-    let ranks = Command::new("pgrep")
-        .args(["-P", &child.id().to_string()])
-        .output()
-        .unwrap();
-    let pids: Vec<i32> = String::from_utf8_lossy(&ranks.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    assert_eq!(pids.len(), 2, "ranks of mpirun: {pids:?}");
-    unsafe { libc::kill(*pids.iter().max().unwrap(), libc::SIGINT) };
+    let rank1 = last_rank_once_training(&mut child, &log, "step 1/60 loss");
+    unsafe { libc::kill(rank1, libc::SIGINT) };
     let status = wait_timeout(&mut child, Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
     let status = status.unwrap_or_else(|| panic!("mpirun did not end: {text}"));
@@ -234,21 +244,7 @@ fn a_killed_rank_hangs_nobody_and_leaves_a_checkpoint() {
     let ckpt = d.join("ckpt");
     let log = d.join("mpirun.log");
     let mut child = spawn_mpirun(2, &strs(&tiny(&ckpt, 400, &[])), &log);
-    assert!(wait_for_line(
-        &mut child,
-        &log,
-        "step 1/400 loss",
-        Duration::from_secs(120)
-    ));
-    let ranks = Command::new("pgrep")
-        .args(["-P", &child.id().to_string()])
-        .output()
-        .unwrap();
-    let rank1 = String::from_utf8_lossy(&ranks.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .max()
-        .expect("a rank");
+    let rank1 = last_rank_once_training(&mut child, &log, "step 1/400 loss");
     unsafe { libc::kill(rank1, libc::SIGKILL) };
     let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("no rank hangs");
     assert!(!status.success());
@@ -277,21 +273,7 @@ fn an_unresponsive_rank_is_declared_lost_after_the_timeout() {
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     let mut child = spawn_logged(c, &log);
-    assert!(wait_for_line(
-        &mut child,
-        &log,
-        "step 1/400 loss",
-        Duration::from_secs(120)
-    ));
-    let ranks = Command::new("pgrep")
-        .args(["-P", &child.id().to_string()])
-        .output()
-        .unwrap();
-    let rank1 = String::from_utf8_lossy(&ranks.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .max()
-        .expect("a rank");
+    let rank1 = last_rank_once_training(&mut child, &log, "step 1/400 loss");
     unsafe { libc::kill(rank1, libc::SIGSTOP) };
     // Rank 0 notices within the timeout, saves and ends the job (MPI_Abort). Open MPI cannot
     // end a stopped process until it runs again: the test resumes it once rank 0 has saved.
@@ -394,4 +376,35 @@ for _ in session:steps(3) do session:step(train:next()) end
         "{}",
         stderr(&o)
     );
+}
+
+/// A final save that fails on rank 0 (here: a directory where the checkpoint file must go) is
+/// exit 74 on every rank, each rank's code recorded by a wrapper; the state went to the rescue
+/// directory.
+#[test]
+fn a_failed_save_on_rank_0_is_exit_74_on_every_rank() {
+    let _job = one_job();
+    let d = Dir::new();
+    let codes = d.join("codes");
+    std::fs::create_dir_all(&codes).unwrap();
+    std::fs::create_dir_all(d.join("ckpt/full_model.ckpt")).unwrap();
+    let run = format!(
+        "{} run scripts/tiny.lua --ckpt-dir {} --rescue-dir {} -- --steps 3; echo $? > {}/$OMPI_COMM_WORLD_RANK",
+        wick_bin(),
+        d.join("ckpt").display(),
+        d.join("rescue").display(),
+        codes.display()
+    );
+    let o = Command::new("mpirun")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .current_dir(repo_root())
+        .args(["--oversubscribe", "-n", "2", "sh", "-c", &run])
+        .output()
+        .unwrap();
+    for rank in ["0", "1"] {
+        let code = std::fs::read_to_string(codes.join(rank)).unwrap_or_default();
+        assert_eq!(code.trim(), "74", "rank {rank}: {}", stderr(&o));
+    }
+    assert!(stderr(&o).contains("is safe there"), "{}", stderr(&o));
 }
