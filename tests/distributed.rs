@@ -220,6 +220,7 @@ fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
     let meta = ckpt_meta(&ckpt.join("full_model.ckpt"));
     assert_eq!(meta["reason"], "interrupted");
     assert_eq!(meta["world_size"], 2);
+    assert!(stdout(&inspect(&ckpt.join("full_model.ckpt"))).contains("ranks        2"));
 
     let o = Command::new(wick_bin())
         .current_dir(repo_root())

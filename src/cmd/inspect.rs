@@ -63,6 +63,12 @@ pub fn inspect(path: &Path, json: bool) -> Result<i32> {
         m.device,
         m.dtype
     );
+    if m.world_size > 1 {
+        crate::outln!(
+            "ranks        {} (data-parallel; the data cursor is global)",
+            m.world_size
+        );
+    }
     if let Some(r) = &m.recipe {
         crate::outln!("recipe       {r}");
     }
