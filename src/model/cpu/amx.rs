@@ -18,7 +18,7 @@
 //! Determinism: every 32×32 output block is summed by one thread over k-tiles in order, so
 //! the result does not depend on the thread count or on how blocks are shared out.
 
-use super::matmul::{Operand, Threads};
+use super::matmul::{Operand, Rows as Dest, Threads};
 use rayon::prelude::*;
 use std::arch::asm;
 use std::cell::RefCell;
@@ -307,19 +307,6 @@ thread_local! {
     /// thread, a band of A on each thread that runs a task.
     static PACK: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static TASK_A: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A destination pointer shared by the tasks of one product, each writing its own blocks.
-#[derive(Clone, Copy)]
-struct Dest(*mut f32);
-// SAFETY: tasks write disjoint blocks of one destination (see `matmul`).
-unsafe impl Send for Dest {}
-unsafe impl Sync for Dest {}
-
-impl Dest {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// c (m×n at `c`, row stride `ldc`) = a·b, or c += a·b with `accumulate`, with bf16

@@ -125,16 +125,17 @@ fn check_operands(a: Operand, b: Operand, (m, n, k): (usize, usize, usize)) {
     assert!(b.0.len() > (k - 1) * b.1 + (n - 1) * b.2);
 }
 
-/// A destination pointer that may cross to the pool's threads: each writes its own band.
+/// A destination pointer that may cross to the pool's threads: each writes its own band
+/// (rows here, blocks in `amx`).
 #[derive(Clone, Copy)]
-struct Rows(*mut f32);
-// SAFETY: `matmul_ptr` hands each thread a disjoint band of rows of one destination.
+pub(super) struct Rows(pub(super) *mut f32);
+// SAFETY: the products hand each thread a disjoint part of one destination.
 unsafe impl Send for Rows {}
 unsafe impl Sync for Rows {}
 
 impl Rows {
     /// The pointer, through a method so that closures capture the whole (Send) wrapper.
-    fn ptr(self) -> *mut f32 {
+    pub(super) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
