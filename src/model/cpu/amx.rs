@@ -388,6 +388,86 @@ pub unsafe fn matmul(
     });
 }
 
+/// A B operand packed once and multiplied several times: attention packs a head's keys and
+/// values once, then multiplies every block of queries by them.
+pub struct PackedB {
+    data: Vec<u16>,
+    k: usize,
+    n: usize,
+    k_tiles: usize,
+}
+
+impl PackedB {
+    /// B (k × n, element (kk, j) at `b[kk·rs + j·cs]`) rounded to bf16 and packed into tiles.
+    /// Callers check `available()` first.
+    pub fn new(b: Operand, k: usize, n: usize) -> PackedB {
+        let (src, rs, cs) = b;
+        assert!(k > 0 && n > 0 && src.len() > (k - 1) * rs + (n - 1) * cs);
+        let k_tiles = k.div_ceil(TILE_K);
+        let n_tiles = n.div_ceil(BLOCK) * 2;
+        let mut data = vec![0u16; n_tiles * k_tiles * TILE_LEN];
+        for (t, tile) in data.chunks_mut(TILE_LEN).enumerate() {
+            let (nt, kt) = (t / k_tiles, t % k_tiles);
+            let (j0, k0) = (nt * TILE_ROWS, kt * TILE_K);
+            let cols = n.saturating_sub(j0).min(TILE_ROWS);
+            let ks = k.saturating_sub(k0).min(TILE_K);
+            // SAFETY: AMX implies AVX-512 BW and BF16; the assert keeps the block inside B.
+            unsafe { tile_from(tile, (src, cs, rs), (j0, k0), (cols, ks), Layout::B) }
+        }
+        PackedB {
+            data,
+            k,
+            n,
+            k_tiles,
+        }
+    }
+}
+
+/// c (m×n, row stride `ldc`) = a·b, or c += a·b, on the calling thread, with b packed
+/// already: `n` and `k` may be less than b's (its first columns, its first rows). A is packed
+/// here; every output block is summed over k-tiles in order, as in `matmul`.
+///
+/// # Safety
+/// As for `matmul`.
+pub unsafe fn matmul_packed(
+    c: *mut f32,
+    ldc: usize,
+    a: Operand,
+    b: &PackedB,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    let (src, rs, cs) = a;
+    assert!(m > 0 && n > 0 && k > 0 && n <= ldc && n <= b.n && k <= b.k);
+    assert!(src.len() > (m - 1) * rs + (k - 1) * cs);
+    let k_tiles = k.div_ceil(TILE_K);
+    TASK_A.with(|pa| {
+        let mut pa = pa.borrow_mut();
+        let a_len = m.div_ceil(BLOCK) * 2 * k_tiles * TILE_LEN;
+        if pa.len() < a_len {
+            pa.resize(a_len, 0);
+        }
+        for (t, tile) in pa[..a_len].chunks_mut(TILE_LEN).enumerate() {
+            let (mt, kt) = (t / k_tiles, t % k_tiles);
+            let (i0, k0) = (mt * TILE_ROWS, kt * TILE_K);
+            let tile_rows = m.saturating_sub(i0).min(TILE_ROWS);
+            let ks = k.saturating_sub(k0).min(TILE_K);
+            // SAFETY: AMX implies AVX-512 BW and BF16; the assert keeps the block inside A.
+            unsafe { tile_from(tile, a, (i0, k0), (tile_rows, ks), Layout::A) }
+        }
+        // B's rows past k (inside its last k-tile) meet A's zero padding: they add nothing.
+        let pa = Packed {
+            data: &pa[..a_len],
+            k_tiles,
+        };
+        let pb = Packed {
+            data: &b.data,
+            k_tiles: b.k_tiles,
+        };
+        band_products(Dest(c), ldc, &pa, &pb, (m, n), accumulate);
+    });
+}
+
 /// One task's band of block-rows across all block-columns, in chunks of 8 block-columns
 /// (their B panels stay in L2 while every block-row of the band passes over them).
 ///
@@ -655,6 +735,58 @@ mod tests {
                             assert!(
                                 (got - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
                                 "({m},{n},{k}) ta={ta} tb={tb} acc={accumulate} at ({i},{j}): {got} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_packed_b_serves_products_over_its_first_rows_and_columns() {
+        if !available() {
+            eprintln!("no AMX on this CPU: kernel test skipped");
+            return;
+        }
+        // B packed once (k_full × n_full, both layouts), then used as attention uses it:
+        // shorter k (a block's keys) and fewer columns (a block's causal prefix).
+        let (k_full, n_full) = (100, 75);
+        let b_data = random(k_full * n_full, 3);
+        for tb in [false, true] {
+            let b: Operand = if tb {
+                (&b_data, 1, k_full)
+            } else {
+                (&b_data, n_full, 1)
+            };
+            let packed = PackedB::new(b, k_full, n_full);
+            for &(m, n, k) in &[(1, 1, 1), (17, 75, 100), (40, 33, 64), (64, 64, 37)] {
+                let a_data = random(m * k, 4);
+                let want = reference((&a_data, k, 1), b, (m, n, k));
+                for accumulate in [false, true] {
+                    let ldc = n + 2;
+                    let mut c = vec![0.25f32; m * ldc];
+                    unsafe {
+                        matmul_packed(
+                            c.as_mut_ptr(),
+                            ldc,
+                            (&a_data, k, 1),
+                            &packed,
+                            (m, n, k),
+                            accumulate,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j];
+                            if j >= n {
+                                assert_eq!(got, 0.25, "wrote outside the destination");
+                                continue;
+                            }
+                            let w = want[i * n + j] + if accumulate { 0.25 } else { 0.0 };
+                            assert!(
+                                (got - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                                "({m},{n},{k}) tb={tb} acc={accumulate} at ({i},{j}): {got} vs {w}"
                             );
                         }
                     }

@@ -2,8 +2,9 @@
 //! projections read and written in place (heads are column strips of the (N, heads·D)
 //! matrices). Per-thread (T × T) scratch holds one head's probabilities block by block.
 
+use super::amx::{self, PackedB};
 use super::kernels::{causal_exp, causal_probs, softmax_backward};
-use super::matmul::{matmul_into, matmul_ptr, Precision::F32, Threads};
+use super::matmul::{product, Operand, Precision, Threads};
 
 thread_local! {
     /// Per-thread (t × t) scratch for attention blocks, reused across heads, layers and steps.
@@ -53,6 +54,50 @@ pub struct SharedOut(pub *mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// A right-hand operand one head multiplies every block of its rows by (its keys or
+/// values): read in place in f32, or — for bf16 products on AMX — rounded and packed once per
+/// head instead of once per block.
+struct HeadB<'a> {
+    b: Operand<'a>,
+    packed: Option<PackedB>,
+}
+
+impl<'a> HeadB<'a> {
+    /// b is (k × n).
+    fn new(b: Operand<'a>, (k, n): (usize, usize), precision: Precision) -> HeadB<'a> {
+        let packed =
+            (precision == Precision::Bf16 && amx::available()).then(|| PackedB::new(b, k, n));
+        HeadB { b, packed }
+    }
+
+    /// c (m×n, row stride `ldc`) = a·b[..k, ..n], or += with `accumulate`, on this thread.
+    ///
+    /// # Safety
+    /// As for `matmul::matmul_ptr`.
+    unsafe fn mul(
+        &self,
+        c: *mut f32,
+        ldc: usize,
+        a: Operand,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        match &self.packed {
+            Some(packed) => amx::matmul_packed(c, ldc, a, packed, (m, n, k), accumulate),
+            None => product(
+                c,
+                ldc,
+                a,
+                self.b,
+                (m, n, k),
+                accumulate,
+                Threads::One,
+                Precision::F32,
+            ),
+        }
+    }
+}
+
 /// One head of causal attention: o = softmax(q·kᵀ·scale)·v, with each row's log-sum-exp
 /// saved in `lse` so the backward recomputes probabilities in one pass. The exponentials are
 /// multiplied by v unnormalised and the (t × d) output rows scaled afterwards, which is
@@ -68,38 +113,28 @@ pub unsafe fn attention_head(
     o: SharedOut,
     lse: &mut [f32],
     p: &mut [f32],
-    t: usize,
-    d: usize,
+    (t, d): (usize, usize),
     scale: f32,
+    precision: Precision,
 ) {
     let mut inv = [0f32; BLOCK];
-    let one = Threads::One;
     let (q, k, v) = (&q[qs.offset..], &k[kvs.offset..], &v[kvs.offset..]);
+    let keys_t = HeadB::new((k, 1, kvs.ld), (d, t), precision); // kᵀ: (d × t)
+    let values = HeadB::new((v, kvs.ld, 1), (t, d), precision); // (t × d)
     let o = o.0.add(qs.offset);
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
         let pb = &mut p[i0 * t..];
-        matmul_into(
-            pb,
+        keys_t.mul(
+            pb.as_mut_ptr(),
             t,
             (&q[i0 * qs.ld..], qs.ld, 1),
-            (k, 1, kvs.ld),
             (rows, i1, d),
             false,
-            one,
-            F32,
         );
         causal_exp(pb, t, i0, rows, scale, &mut lse[i0..i1], &mut inv[..rows]);
         let ob = o.add(i0 * qs.ld);
-        matmul_ptr(
-            ob,
-            qs.ld,
-            (pb, t, 1),
-            (v, kvs.ld, 1),
-            (rows, d, i1),
-            false,
-            one,
-        );
+        values.mul(ob, qs.ld, (pb, t, 1), (rows, d, i1), false);
         for (r, &s) in inv[..rows].iter().enumerate() {
             for x in std::slice::from_raw_parts_mut(ob.add(r * qs.ld), d) {
                 *x *= s;
@@ -132,11 +167,10 @@ pub unsafe fn attention_head_backward(
     (qs, kvs): (Strip, Strip),
     (dq, dk, dv): (SharedOut, SharedOut, SharedOut),
     (p, ds): (&mut [f32], &mut [f32]),
-    t: usize,
-    d: usize,
+    (t, d): (usize, usize),
     scale: f32,
+    precision: Precision,
 ) {
-    let one = Threads::One;
     let (q, o, dout) = (&q[qs.offset..], &o[qs.offset..], &dout[qs.offset..]);
     let (k, v) = (&k[kvs.offset..], &v[kvs.offset..]);
     let (dq, dk, dv) = (
@@ -144,6 +178,9 @@ pub unsafe fn attention_head_backward(
         dk.0.add(kvs.offset),
         dv.0.add(kvs.offset),
     );
+    let keys_t = HeadB::new((k, 1, kvs.ld), (d, t), precision); // kᵀ: (d × t)
+    let values_t = HeadB::new((v, 1, kvs.ld), (d, t), precision); // vᵀ: (d × t)
+    let keys = HeadB::new((k, kvs.ld, 1), (t, d), precision); // (t × d)
     let ld = qs.ld;
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
@@ -151,27 +188,21 @@ pub unsafe fn attention_head_backward(
         // them from the forward: a head's (t × t) block stays in cache instead of streaming
         // b·h·t² floats per layer through memory.
         let pb = &mut p[i0 * t..];
-        matmul_into(
-            pb,
+        keys_t.mul(
+            pb.as_mut_ptr(),
             t,
             (&q[i0 * ld..], ld, 1),
-            (k, 1, kvs.ld),
             (rows, i1, d),
             false,
-            one,
-            F32,
         );
         causal_probs(pb, t, i0, rows, scale, &lse[i0..i1]);
         let db = &mut ds[i0 * t..];
-        matmul_into(
-            db,
+        values_t.mul(
+            db.as_mut_ptr(),
             t,
             (&dout[i0 * ld..], ld, 1),
-            (v, 1, kvs.ld),
             (rows, i1, d),
             false,
-            one,
-            F32,
         );
         softmax_backward(
             db,
@@ -185,32 +216,30 @@ pub unsafe fn attention_head_backward(
             d,
             scale,
         );
-        matmul_ptr(
-            dq.add(i0 * ld),
-            ld,
-            (db, t, 1),
-            (k, kvs.ld, 1),
-            (rows, d, i1),
-            false,
-            one,
-        );
-        matmul_ptr(
+        keys.mul(dq.add(i0 * ld), ld, (db, t, 1), (rows, d, i1), false);
+        // The key and value gradients multiply by this block's own rows: packed per block.
+        let one = Threads::One;
+        let q_rows = (&q[i0 * ld..], ld, 1);
+        product(
             dk,
             kvs.ld,
             (db, 1, t),
-            (&q[i0 * ld..], ld, 1),
+            q_rows,
             (i1, d, rows),
             true,
             one,
+            precision,
         );
-        matmul_ptr(
+        let dout_rows = (&dout[i0 * ld..], ld, 1);
+        product(
             dv,
             kvs.ld,
             (pb, 1, t),
-            (&dout[i0 * ld..], ld, 1),
+            dout_rows,
             (i1, d, rows),
             true,
             one,
+            precision,
         );
     }
 }

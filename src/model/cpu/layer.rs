@@ -20,7 +20,7 @@ pub struct Pass<'a> {
     pub eps: f32,
     /// 1/√D.
     pub scale: f32,
-    /// How the products with weight matrices multiply (attention's stay f32).
+    /// How the products multiply: with the weight matrices and attention's, per head.
     pub precision: Precision,
 }
 
@@ -77,9 +77,9 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
                     out,
                     lse,
                     scratch,
-                    g.seq,
-                    g.head_dim,
+                    (g.seq, g.head_dim),
                     p.scale,
+                    p.precision,
                 )
             }
         })
@@ -200,9 +200,9 @@ fn attention_backward(p: &Pass, w: &LayerWeights, a: LayerActs, dx: &mut [f32]) 
                         g.head_strips(b, h),
                         outs,
                         (probs, dscores),
-                        g.seq,
-                        g.head_dim,
+                        (g.seq, g.head_dim),
                         p.scale,
+                        p.precision,
                     )
                 }
             }

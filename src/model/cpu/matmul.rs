@@ -100,7 +100,7 @@ pub fn matmul_into(
 /// # Safety
 /// As for `matmul_ptr`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn product(
+pub(super) unsafe fn product(
     c: *mut f32,
     ldc: usize,
     a: Operand,

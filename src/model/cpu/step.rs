@@ -352,6 +352,7 @@ mod tests {
             let want = loss_and_grads(&f32_model, &tokens, batch, width).unwrap();
             let got = loss_and_grads(&bf16_model, &tokens, batch, width).unwrap();
             let shape = format!("dim {dim} heads {heads}/{kv}");
+            let mut worst = 0f64;
             assert!(
                 (got.loss - want.loss).abs() <= 1e-3 * want.loss,
                 "{shape}: loss {} vs {}",
@@ -363,7 +364,12 @@ mod tests {
                 let g: Vec<f32> = got.grads[name].flatten_all().unwrap().to_vec1().unwrap();
                 let err = relative_error(&g, &w);
                 assert!(err < 2e-2, "{shape}: {name}: relative error {err}");
+                worst = worst.max(err);
             }
+            eprintln!(
+                "{shape}: loss {:.3e} relative, worst gradient {worst:.3e} relative L2",
+                (got.loss - want.loss).abs() / want.loss
+            );
         }
     }
 
