@@ -118,20 +118,74 @@ impl Packed<'_> {
     }
 }
 
-/// Pack B (k×n, element (kk, j) at `b[kk·rs + j·cs]`) into VNNI B tiles, rounding to bf16:
-/// read as its transpose Bᵀ (n × k), whose rows are B's columns.
-fn pack_b(dst: &mut [u16], b: Operand, k: usize, n: usize, k_tiles: usize) {
-    let (src, rs, cs) = b;
-    dst.par_chunks_mut(TILE_LEN)
-        .enumerate()
-        .for_each(|(t, tile)| {
-            let (nt, kt) = (t / k_tiles, t % k_tiles);
-            let (j0, k0) = (nt * TILE_ROWS, kt * TILE_K);
-            let cols = n.saturating_sub(j0).min(TILE_ROWS);
-            let ks = k.saturating_sub(k0).min(TILE_K);
-            // SAFETY: as in pack_a, on Bᵀ.
-            unsafe { tile_from(tile, (src, cs, rs), (j0, k0), (cols, ks), Layout::B) }
-        });
+/// Pack the operand `op` (element (i, kk) at `op[i·rs + kk·cs]`: A itself, or Bᵀ for B) from
+/// row `i_base` on into `dst` — `outer_tiles` × `k_tiles` tiles, tile (o, kt) at
+/// `o·k_tiles + kt`, zero past `rows` × `k` — rounding to bf16, on all threads or this one.
+///
+/// The tiles are visited in the order that reads memory front to back: along the rows when
+/// the operand's rows run along k (cs = 1), else a k-tile's 32 rows at a time across all
+/// tiles. Visiting transposed operands tile by tile instead walked down 64-byte columns of
+/// matrices bigger than L2 and spent most of the packing time waiting on those loads.
+#[allow(clippy::too_many_arguments)] // one operand, its extent and where the tiles go
+fn pack_tiles(
+    dst: &mut [u16],
+    op: Operand,
+    i_base: usize,
+    (rows, k): (usize, usize),
+    (outer_tiles, k_tiles): (usize, usize),
+    layout: Layout,
+    threads: Threads,
+) {
+    assert!(dst.len() >= outer_tiles * k_tiles * TILE_LEN);
+    let out = PackOut(dst.as_mut_ptr());
+    let pack = |o: usize, kt: usize| {
+        let (i0, k0) = (i_base + o * TILE_ROWS, kt * TILE_K);
+        let tile_rows = (i_base + rows).saturating_sub(i0).min(TILE_ROWS);
+        let ks = k.saturating_sub(k0).min(TILE_K);
+        // SAFETY: tile (o, kt) lies inside dst (the assert) and is written by this call
+        // alone; AMX implies AVX-512 BW and BF16; the block lies inside the operand (the
+        // callers' checks).
+        unsafe {
+            let tile = std::slice::from_raw_parts_mut(
+                out.ptr().add((o * k_tiles + kt) * TILE_LEN),
+                TILE_LEN,
+            );
+            tile_from(tile, op, (i0, k0), (tile_rows, ks), layout)
+        }
+    };
+    let along_rows = op.2 == 1;
+    let (lines, per_line) = if along_rows {
+        (outer_tiles, k_tiles)
+    } else {
+        (k_tiles, outer_tiles)
+    };
+    let line = |l: usize| {
+        for x in 0..per_line {
+            if along_rows {
+                pack(l, x)
+            } else {
+                pack(x, l)
+            }
+        }
+    };
+    if threads == Threads::All && lines > 1 {
+        (0..lines).into_par_iter().for_each(line);
+    } else {
+        (0..lines).for_each(line);
+    }
+}
+
+/// The packing destination, shared by the threads that each write their own tiles.
+#[derive(Clone, Copy)]
+struct PackOut(*mut u16);
+// SAFETY: each tile is written by one task; the buffer outlives the parallel loop.
+unsafe impl Send for PackOut {}
+unsafe impl Sync for PackOut {}
+
+impl PackOut {
+    fn ptr(self) -> *mut u16 {
+        self.0
+    }
 }
 
 /// Where a tile keeps the bf16 pair (k = 2p, 2p+1) of operand row i (of Bᵀ's row, for B).
@@ -332,7 +386,16 @@ pub unsafe fn matmul(
         if pb.len() < b_len {
             pb.resize(b_len, 0);
         }
-        pack_b(&mut pb[..b_len], b, k, n, k_tiles);
+        let (src, rs, cs) = b;
+        pack_tiles(
+            &mut pb[..b_len],
+            (src, cs, rs),
+            0,
+            (n, k),
+            (n_blocks * 2, k_tiles),
+            Layout::B,
+            threads,
+        );
         let pb = Packed {
             data: &pb[..b_len],
             k_tiles,
@@ -361,14 +424,15 @@ pub unsafe fn matmul(
                 if pa.len() < a_len {
                     pa.resize(a_len, 0);
                 }
-                for (t, tile) in pa[..a_len].chunks_mut(TILE_LEN).enumerate() {
-                    let (mt, kt) = (t / k_tiles, t % k_tiles);
-                    let (i0, k0) = (r0 + mt * TILE_ROWS, kt * TILE_K);
-                    let tile_rows = m.saturating_sub(i0).min(TILE_ROWS);
-                    let ks = k.saturating_sub(k0).min(TILE_K);
-                    // SAFETY: AMX implies AVX-512 BW and BF16; the block lies inside A.
-                    unsafe { tile_from(tile, a, (i0, k0), (tile_rows, ks), Layout::A) }
-                }
+                pack_tiles(
+                    &mut pa[..a_len],
+                    a,
+                    r0,
+                    (rows, k),
+                    (blocks.len() * 2, k_tiles),
+                    Layout::A,
+                    Threads::One,
+                );
                 let pa = Packed {
                     data: &pa[..a_len],
                     k_tiles,
@@ -406,14 +470,15 @@ impl PackedB {
         let k_tiles = k.div_ceil(TILE_K);
         let n_tiles = n.div_ceil(BLOCK) * 2;
         let mut data = vec![0u16; n_tiles * k_tiles * TILE_LEN];
-        for (t, tile) in data.chunks_mut(TILE_LEN).enumerate() {
-            let (nt, kt) = (t / k_tiles, t % k_tiles);
-            let (j0, k0) = (nt * TILE_ROWS, kt * TILE_K);
-            let cols = n.saturating_sub(j0).min(TILE_ROWS);
-            let ks = k.saturating_sub(k0).min(TILE_K);
-            // SAFETY: AMX implies AVX-512 BW and BF16; the assert keeps the block inside B.
-            unsafe { tile_from(tile, (src, cs, rs), (j0, k0), (cols, ks), Layout::B) }
-        }
+        pack_tiles(
+            &mut data,
+            (src, cs, rs),
+            0,
+            (n, k),
+            (n_tiles, k_tiles),
+            Layout::B,
+            Threads::One,
+        );
         PackedB {
             data,
             k,
@@ -447,14 +512,15 @@ pub unsafe fn matmul_packed(
         if pa.len() < a_len {
             pa.resize(a_len, 0);
         }
-        for (t, tile) in pa[..a_len].chunks_mut(TILE_LEN).enumerate() {
-            let (mt, kt) = (t / k_tiles, t % k_tiles);
-            let (i0, k0) = (mt * TILE_ROWS, kt * TILE_K);
-            let tile_rows = m.saturating_sub(i0).min(TILE_ROWS);
-            let ks = k.saturating_sub(k0).min(TILE_K);
-            // SAFETY: AMX implies AVX-512 BW and BF16; the assert keeps the block inside A.
-            unsafe { tile_from(tile, a, (i0, k0), (tile_rows, ks), Layout::A) }
-        }
+        pack_tiles(
+            &mut pa[..a_len],
+            a,
+            0,
+            (m, k),
+            (m.div_ceil(BLOCK) * 2, k_tiles),
+            Layout::A,
+            Threads::One,
+        );
         // B's rows past k (inside its last k-tile) meet A's zero padding: they add nothing.
         let pa = Packed {
             data: &pa[..a_len],
