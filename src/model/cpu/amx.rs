@@ -612,19 +612,24 @@ unsafe fn block(
         (scratch, BLOCK)
     };
     let stride = ld * 4; // bytes between rows of the destination
+                         // At the matrix's last block-row or block-column only one of the two tiles may hold
+                         // outputs (a 288-wide layer is 4½ blocks, a head of 48 1½): the kernel then skips the
+                         // empty tiles' products instead of multiplying zero padding.
+    let (two_rows, two_cols) = (i0 + TILE_ROWS < m, j0 + TILE_ROWS < n);
     let c01 = out.add(TILE_ROWS);
     let c10 = out.add(TILE_ROWS * ld);
     let c11 = c10.add(TILE_ROWS);
     if accumulate {
-        asm!(
-            "tileloadd tmm0, [{c00} + {s}*1]",
-            "tileloadd tmm1, [{c01} + {s}*1]",
-            "tileloadd tmm2, [{c10} + {s}*1]",
-            "tileloadd tmm3, [{c11} + {s}*1]",
-            c00 = in(reg) out, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-            s = in(reg) stride,
-            options(nostack, readonly),
-        );
+        asm!("tileloadd tmm0, [{c} + {s}*1]", c = in(reg) out, s = in(reg) stride, options(nostack, readonly));
+        if two_cols {
+            asm!("tileloadd tmm1, [{c} + {s}*1]", c = in(reg) c01, s = in(reg) stride, options(nostack, readonly));
+        }
+        if two_rows {
+            asm!("tileloadd tmm2, [{c} + {s}*1]", c = in(reg) c10, s = in(reg) stride, options(nostack, readonly));
+        }
+        if two_rows && two_cols {
+            asm!("tileloadd tmm3, [{c} + {s}*1]", c = in(reg) c11, s = in(reg) stride, options(nostack, readonly));
+        }
     } else {
         asm!(
             "tilezero tmm0",
@@ -636,32 +641,62 @@ unsafe fn block(
     }
     let tile_stride = TILE_K * 2; // bytes per packed tile row
     for kt in 0..pa.k_tiles {
-        asm!(
-            "tileloadd tmm4, [{a0} + {s}*1]",
-            "tileloadd tmm6, [{b0} + {s}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {s}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {s}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) pa.tile(2 * mb, kt),
-            a1 = in(reg) pa.tile(2 * mb + 1, kt),
-            b0 = in(reg) pb.tile(2 * nb, kt),
-            b1 = in(reg) pb.tile(2 * nb + 1, kt),
-            s = in(reg) tile_stride,
-            options(nostack, readonly),
-        );
+        let (a0, a1) = (pa.tile(2 * mb, kt), pa.tile(2 * mb + 1, kt));
+        let (b0, b1) = (pb.tile(2 * nb, kt), pb.tile(2 * nb + 1, kt));
+        match (two_rows, two_cols) {
+            (true, true) => asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                s = in(reg) tile_stride,
+                options(nostack, readonly),
+            ),
+            (true, false) => asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
+                s = in(reg) tile_stride,
+                options(nostack, readonly),
+            ),
+            (false, true) => asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
+                s = in(reg) tile_stride,
+                options(nostack, readonly),
+            ),
+            (false, false) => asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                a0 = in(reg) a0, b0 = in(reg) b0,
+                s = in(reg) tile_stride,
+                options(nostack, readonly),
+            ),
+        }
     }
-    asm!(
-        "tilestored [{c00} + {s}*1], tmm0",
-        "tilestored [{c01} + {s}*1], tmm1",
-        "tilestored [{c10} + {s}*1], tmm2",
-        "tilestored [{c11} + {s}*1], tmm3",
-        c00 = in(reg) out, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-        s = in(reg) stride,
-        options(nostack),
-    );
+    asm!("tilestored [{c} + {s}*1], tmm0", c = in(reg) out, s = in(reg) stride, options(nostack));
+    if two_cols {
+        asm!("tilestored [{c} + {s}*1], tmm1", c = in(reg) c01, s = in(reg) stride, options(nostack));
+    }
+    if two_rows {
+        asm!("tilestored [{c} + {s}*1], tmm2", c = in(reg) c10, s = in(reg) stride, options(nostack));
+    }
+    if two_rows && two_cols {
+        asm!("tilestored [{c} + {s}*1], tmm3", c = in(reg) c11, s = in(reg) stride, options(nostack));
+    }
     if !whole {
         for r in 0..(m - i0).min(BLOCK) {
             for s in 0..(n - j0).min(BLOCK) {
