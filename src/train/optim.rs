@@ -74,6 +74,16 @@ impl AdamW {
         params: &BTreeMap<String, Var>,
         grads: &BTreeMap<String, Tensor>,
         lr: f64,
+        decayed: impl Fn(&str) -> bool + Send,
+    ) -> std::result::Result<UpdateStats, UpdateError> {
+        crate::util::pool::on_pool(|| self.update_here(params, grads, lr, decayed))
+    }
+
+    fn update_here(
+        &mut self,
+        params: &BTreeMap<String, Var>,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
         decayed: impl Fn(&str) -> bool,
     ) -> std::result::Result<UpdateStats, UpdateError> {
         let mut named: Vec<(&String, &Var, Tensor)> = Vec::with_capacity(params.len());

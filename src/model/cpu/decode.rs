@@ -121,6 +121,10 @@ fn block_step(
 /// The logits after `tokens` (appended to the cache: the first call is the prompt, each later
 /// call one sampled token). A full cache shifts: its newest half is read again.
 pub fn next_logits(model: &Llama, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+    crate::util::pool::on_pool(|| next_logits_here(model, cache, tokens))
+}
+
+fn next_logits_here(model: &Llama, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
     let cfg = &model.config;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
         candle_core::bail!(

@@ -8,6 +8,7 @@ use super::ops::{linear, linear_dw, linear_dx, rmsnorm, rmsnorm_backward, zeros}
 use super::weights::{ModelWeights, ParamStorage};
 use super::Dims;
 use crate::model::Llama;
+use crate::util::pool::on_pool;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -72,6 +73,10 @@ pub fn loss_and_grads(
     batch: usize,
     width: usize,
 ) -> Result<StepResult> {
+    on_pool(|| step(model, tokens, batch, width))
+}
+
+fn step(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<StepResult> {
     let cfg = &model.config;
     let g = Dims::new(cfg, batch, width - 1);
     let (n, c, v) = (g.tokens, g.dim, g.vocab);
@@ -180,6 +185,10 @@ fn forward_hidden(
 /// Mean next-token cross-entropy of windows, forward only (evaluation): the same kernels and
 /// the same numbers as the training step's loss.
 pub fn eval_loss(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<f64> {
+    on_pool(|| eval_loss_here(model, tokens, batch, width))
+}
+
+fn eval_loss_here(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<f64> {
     let cfg = &model.config;
     let g = Dims::new(cfg, batch, width - 1);
     let storage = ParamStorage::lock(model)?;
@@ -197,6 +206,10 @@ pub fn eval_loss(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> R
 
 /// Logits (rows, V) of one sequence's last `rows` positions, forward only.
 pub fn logits(model: &Llama, tokens: &[u32], rows: usize) -> Result<Vec<f32>> {
+    on_pool(|| logits_here(model, tokens, rows))
+}
+
+fn logits_here(model: &Llama, tokens: &[u32], rows: usize) -> Result<Vec<f32>> {
     let cfg = &model.config;
     if let Some(bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
         candle_core::bail!(
