@@ -15,13 +15,15 @@ pub fn set_flush_denormals() {
 /// A training step allocates and frees the same large buffers every time. glibc's defaults
 /// return each one to the kernel (mmap above 128 KiB, heap trimming) and pay page faults to get
 /// it back in the next step; keep freed memory in the process instead (up to glibc's 32 MiB
-/// mmap ceiling per allocation). Peak memory is unchanged: it is the same buffers.
+/// mmap ceiling per allocation). Peak memory is unchanged: it is the same buffers — provided
+/// there is one arena. The step runs on whichever pool thread picks it up, and with an arena
+/// per thread each kept its own copy of a step's buffers (small-bytes peak RSS 325 → 570 MB).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
