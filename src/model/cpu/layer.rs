@@ -5,8 +5,8 @@ use super::attention::{attention_head, attention_head_backward, with_scratch, Sh
 use super::kernels::{swiglu, swiglu_backward};
 use super::matmul::Precision;
 use super::ops::{
-    linear, linear_dw, linear_dx, linear_dx_add, rmsnorm, rmsnorm_backward, rope_in_place, zeros,
-    ROWS,
+    add_in_place, linear, linear_dw, linear_dx, linear_dx_add, rmsnorm, rmsnorm_backward,
+    rope_in_place, zeros, ROWS,
 };
 use super::weights::{LayerGrads, LayerWeights};
 use super::Dims;
@@ -85,10 +85,7 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
         })
     });
     let mut x_mid = linear(&y, w.wo, (n, c, c), p.precision);
-    x_mid
-        .par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(a, x)| *a += x);
+    add_in_place(&mut x_mid, x);
 
     let mut h2 = zeros(n * c);
     let mut rstd2 = zeros(n);
@@ -100,7 +97,7 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
         .zip(gate.par_chunks(f * ROWS).zip(up.par_chunks(f * ROWS)))
         .for_each(|(a, (gt, u))| swiglu(a, gt, u));
     let mut x_out = linear(&act, w.w2, (n, f, c), p.precision);
-    x_out.par_iter_mut().zip(&x_mid).for_each(|(a, x)| *a += x);
+    add_in_place(&mut x_out, &x_mid);
     let x_in = std::mem::replace(x, x_out);
     keep.then_some(LayerActs {
         x_in,

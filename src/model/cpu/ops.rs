@@ -90,6 +90,19 @@ pub fn rmsnorm_backward(
     }
 }
 
+/// a += b, on all threads, in chunks whose inner loops vectorize (a per-element parallel
+/// iterator does not).
+pub fn add_in_place(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    a.par_chunks_mut(1 << 14)
+        .zip(b.par_chunks(1 << 14))
+        .for_each(|(a, b)| {
+            for (a, b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        });
+}
+
 /// A zero-filled buffer, filled on all threads: `vec![0.0; len]` zeroes on the calling
 /// thread alone, which left the other core idle for ≈ 3 % of a step.
 pub fn zeros(len: usize) -> Vec<f32> {
