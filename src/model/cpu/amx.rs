@@ -378,77 +378,201 @@ pub unsafe fn matmul(
     accumulate: bool,
     threads: Threads,
 ) {
+    let part = Part {
+        c: Dest(c),
+        ldc,
+        operand: b,
+        extent: n,
+    };
+    matmul_shared_a(a, (m, k), &[part], accumulate, threads)
+}
+
+/// One product of a group that shares an operand: its destination (row stride `ldc`) and
+/// its own operand, B (k × `extent`) beside a shared A, or A (`extent` × k) beside a shared B.
+pub(super) struct Part<'a> {
+    pub(super) c: Dest,
+    pub(super) ldc: usize,
+    pub(super) operand: Operand<'a>,
+    pub(super) extent: usize,
+}
+
+/// Rows of the packed-A bands tasks take: up to 4 block-rows (128 rows) and 2 MiB of packed
+/// A, fewer when that leaves fewer than 4 tasks a thread. Each task packs its own rows of A
+/// right before using them (no second parallel phase, and the band is still in cache when
+/// the kernel reads it). Measured against packing all of A first: small +9–20 %, small-bytes
+/// +1–7 %, tiny +1–4 % tokens/s.
+fn band_blocks(m_blocks: usize, k_tiles: usize, threads: Threads) -> usize {
+    let workers = match threads {
+        Threads::All => rayon::current_num_threads(),
+        Threads::One => 1,
+    };
+    let block_row_bytes = 2 * k_tiles * TILE_LEN * 2;
+    (m_blocks / (4 * workers))
+        .min((2 << 20) / block_row_bytes)
+        .clamp(1, 4)
+}
+
+/// Run `tasks` tasks, in parallel where asked and worth it.
+fn for_each_task(tasks: usize, threads: Threads, task: impl Fn(usize) + Sync + Send) {
+    if threads == Threads::All && rayon::current_num_threads() > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// Pack B (k × n) for the kernel into `buf` from `at` on; returns its length.
+fn pack_b_at(
+    buf: &mut [u16],
+    at: usize,
+    b: Operand,
+    (k, n): (usize, usize),
+    threads: Threads,
+) -> usize {
     let k_tiles = k.div_ceil(TILE_K);
-    let (m_blocks, n_blocks) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
+    let len = n.div_ceil(BLOCK) * 2 * k_tiles * TILE_LEN;
+    let (src, rs, cs) = b;
+    pack_tiles(
+        &mut buf[at..at + len],
+        (src, cs, rs),
+        0,
+        (n, k),
+        (n.div_ceil(BLOCK) * 2, k_tiles),
+        Layout::B,
+        threads,
+    );
+    len
+}
+
+/// Pack rows `blocks` (in block-rows) of A (m × k) into this thread's band buffer and run `f`
+/// on them.
+fn with_a_band(
+    a: Operand,
+    (m, k): (usize, usize),
+    blocks: &std::ops::Range<usize>,
+    f: impl FnOnce(&Packed),
+) {
+    let k_tiles = k.div_ceil(TILE_K);
+    let r0 = blocks.start * BLOCK;
+    let rows = (blocks.len() * BLOCK).min(m - r0);
+    TASK_A.with(|pa| {
+        let mut pa = pa.borrow_mut();
+        let a_len = blocks.len() * 2 * k_tiles * TILE_LEN;
+        if pa.len() < a_len {
+            pa.resize(a_len, 0);
+        }
+        pack_tiles(
+            &mut pa[..a_len],
+            a,
+            r0,
+            (rows, k),
+            (blocks.len() * 2, k_tiles),
+            Layout::A,
+            Threads::One,
+        );
+        f(&Packed {
+            data: &pa[..a_len],
+            k_tiles,
+        })
+    })
+}
+
+/// c_i = a·b_i (or += with `accumulate`) for every part (its B and n): products by several
+/// weights of one input pack each band of the input once.
+///
+/// # Safety
+/// As for `matmul`, for every part's destination.
+pub(super) unsafe fn matmul_shared_a(
+    a: Operand,
+    (m, k): (usize, usize),
+    parts: &[Part],
+    accumulate: bool,
+    threads: Threads,
+) {
+    let k_tiles = k.div_ceil(TILE_K);
+    let m_blocks = m.div_ceil(BLOCK);
     PACK.with(|pack| {
         let mut pb = pack.borrow_mut();
-        let b_len = n_blocks * 2 * k_tiles * TILE_LEN;
-        if pb.len() < b_len {
-            pb.resize(b_len, 0);
+        let total: usize = parts
+            .iter()
+            .map(|p| p.extent.div_ceil(BLOCK) * 2 * k_tiles * TILE_LEN)
+            .sum();
+        if pb.len() < total {
+            pb.resize(total, 0);
         }
-        let (src, rs, cs) = b;
-        pack_tiles(
-            &mut pb[..b_len],
-            (src, cs, rs),
-            0,
-            (n, k),
-            (n_blocks * 2, k_tiles),
-            Layout::B,
-            threads,
-        );
-        let pb = Packed {
-            data: &pb[..b_len],
-            k_tiles,
-        };
-        // Tasks are bands of up to 4 block-rows (128 rows) and 2 MiB of packed A, smaller when
-        // that leaves fewer than 4 tasks a thread; each packs its own rows of A right before
-        // using them (no second parallel phase, and the band is still in cache when the
-        // kernel reads it). Measured against packing all of A first: small +9–20 %,
-        // small-bytes +1–7 %, tiny +1–4 % tokens/s.
-        let workers = match threads {
-            Threads::All => rayon::current_num_threads(),
-            Threads::One => 1,
-        };
-        let block_row_bytes = 2 * k_tiles * TILE_LEN * 2;
-        let band = (m_blocks / (4 * workers))
-            .min((2 << 20) / block_row_bytes)
-            .clamp(1, 4);
-        let dest = Dest(c);
-        let task = |t: usize| {
+        let mut at = 0;
+        let mut spans = Vec::with_capacity(parts.len());
+        for p in parts {
+            let len = pack_b_at(&mut pb, at, p.operand, (k, p.extent), threads);
+            spans.push(at..at + len);
+            at += len;
+        }
+        let band = band_blocks(m_blocks, k_tiles, threads);
+        let pb: &[u16] = &pb;
+        for_each_task(m_blocks.div_ceil(band), threads, |t| {
             let blocks = t * band..((t + 1) * band).min(m_blocks);
             let r0 = blocks.start * BLOCK;
             let rows = (blocks.len() * BLOCK).min(m - r0);
-            TASK_A.with(|pa| {
-                let mut pa = pa.borrow_mut();
-                let a_len = blocks.len() * 2 * k_tiles * TILE_LEN;
-                if pa.len() < a_len {
-                    pa.resize(a_len, 0);
+            with_a_band(a, (m, k), &blocks, |pa| {
+                for (p, span) in parts.iter().zip(&spans) {
+                    let b = Packed {
+                        data: &pb[span.clone()],
+                        k_tiles,
+                    };
+                    // SAFETY: rows r0.. of the part's destination, which the caller vouched
+                    // for; this task alone writes them.
+                    let dest = Dest(unsafe { p.c.ptr().add(r0 * p.ldc) });
+                    band_products(dest, p.ldc, pa, &b, (rows, p.extent), accumulate);
                 }
-                pack_tiles(
-                    &mut pa[..a_len],
-                    a,
-                    r0,
-                    (rows, k),
-                    (blocks.len() * 2, k_tiles),
-                    Layout::A,
-                    Threads::One,
-                );
-                let pa = Packed {
-                    data: &pa[..a_len],
-                    k_tiles,
-                };
-                // SAFETY: rows r0.. of the destination the caller vouched for; this task
-                // alone writes them.
-                let band_dest = Dest(unsafe { dest.ptr().add(r0 * ldc) });
-                band_products(band_dest, ldc, &pa, &pb, (rows, n), accumulate);
-            });
-        };
-        let tasks = m_blocks.div_ceil(band);
-        if workers > 1 && tasks > 1 {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
+            })
+        });
+    });
+}
+
+/// c_i = a_i·b for every part (its A and m): the weight gradients of several weights that
+/// read one input pack that input once.
+///
+/// # Safety
+/// As for `matmul`, for every part's destination.
+pub(super) unsafe fn matmul_shared_b(
+    b: Operand,
+    (n, k): (usize, usize),
+    parts: &[Part],
+    threads: Threads,
+) {
+    let k_tiles = k.div_ceil(TILE_K);
+    PACK.with(|pack| {
+        let mut pb = pack.borrow_mut();
+        let len = n.div_ceil(BLOCK) * 2 * k_tiles * TILE_LEN;
+        if pb.len() < len {
+            pb.resize(len, 0);
         }
+        pack_b_at(&mut pb, 0, b, (k, n), threads);
+        let pb = Packed {
+            data: &pb[..len],
+            k_tiles,
+        };
+        // Tasks: every part's bands, in order.
+        let mut tasks = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let m_blocks = p.extent.div_ceil(BLOCK);
+            let band = band_blocks(m_blocks, k_tiles, threads);
+            for b0 in (0..m_blocks).step_by(band) {
+                tasks.push((i, b0..(b0 + band).min(m_blocks)));
+            }
+        }
+        for_each_task(tasks.len(), threads, |t| {
+            let (i, blocks) = &tasks[t];
+            let p = &parts[*i];
+            let r0 = blocks.start * BLOCK;
+            let rows = (blocks.len() * BLOCK).min(p.extent - r0);
+            with_a_band(p.operand, (p.extent, k), blocks, |pa| {
+                // SAFETY: rows r0.. of the part's destination, which the caller vouched for;
+                // this task alone writes them.
+                let dest = Dest(unsafe { p.c.ptr().add(r0 * p.ldc) });
+                band_products(dest, p.ldc, pa, &pb, (rows, n), false);
+            })
+        });
     });
 }
 

@@ -5,8 +5,8 @@ use super::attention::{attention_head, attention_head_backward, with_scratch, Sh
 use super::kernels::{swiglu, swiglu_backward};
 use super::matmul::Precision;
 use super::ops::{
-    add_in_place, linear, linear_dw, linear_dx, linear_dx_add, rmsnorm, rmsnorm_backward,
-    rope_in_place, zeros, ROWS,
+    add_in_place, linear, linear_dw, linear_dw_shared, linear_dx, linear_dx_add, linear_shared,
+    rmsnorm, rmsnorm_backward, rope_in_place, zeros, ROWS,
 };
 use super::weights::{LayerGrads, LayerWeights};
 use super::Dims;
@@ -57,9 +57,13 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
     let mut h1 = zeros(n * c);
     let mut rstd1 = zeros(n);
     rmsnorm(&mut h1, &mut rstd1, x, w.attn_norm, c, p.eps);
-    let mut q = linear(&h1, w.wq, (n, c, c), p.precision);
-    let mut k = linear(&h1, w.wk, (n, c, kvc), p.precision);
-    let v = linear(&h1, w.wv, (n, c, kvc), p.precision);
+    let qkv = linear_shared(
+        &h1,
+        &[(w.wq, c), (w.wk, kvc), (w.wv, kvc)],
+        (n, c),
+        p.precision,
+    );
+    let [mut q, mut k, v]: [Vec<f32>; 3] = qkv.try_into().expect("three products");
     rope_in_place(&mut q, g.heads, g, p.rope, false);
     rope_in_place(&mut k, g.kv_heads, g, p.rope, false);
     let mut y = zeros(n * c);
@@ -90,8 +94,8 @@ pub fn forward(p: &Pass, w: &LayerWeights, x: &mut Vec<f32>, keep: bool) -> Opti
     let mut h2 = zeros(n * c);
     let mut rstd2 = zeros(n);
     rmsnorm(&mut h2, &mut rstd2, &x_mid, w.ffn_norm, c, p.eps);
-    let gate = linear(&h2, w.w1, (n, c, f), p.precision);
-    let up = linear(&h2, w.w3, (n, c, f), p.precision);
+    let gate_up = linear_shared(&h2, &[(w.w1, f), (w.w3, f)], (n, c), p.precision);
+    let [gate, up]: [Vec<f32>; 2] = gate_up.try_into().expect("two products");
     let mut act = zeros(n * f);
     act.par_chunks_mut(f * ROWS)
         .zip(gate.par_chunks(f * ROWS).zip(up.par_chunks(f * ROWS)))
@@ -154,8 +158,8 @@ fn feed_forward_backward(
         .zip(dup.par_chunks_mut(f * ROWS))
         .zip(a.gate.par_chunks(f * ROWS))
         .for_each(|((da, u), gt)| swiglu_backward(da, u, gt));
-    let dw1 = linear_dw(&dgate, &a.h2, (n, c, f), p.precision);
-    let dw3 = linear_dw(&dup, &a.h2, (n, c, f), p.precision);
+    let dw13 = linear_dw_shared(&[(&dgate, f), (&dup, f)], &a.h2, (n, c), p.precision);
+    let [dw1, dw3]: [Vec<f32>; 2] = dw13.try_into().expect("two products");
     let mut dh2 = linear_dx(&dgate, w.w1, (n, c, f), p.precision);
     linear_dx_add(&mut dh2, &dup, w.w3, (n, c, f), p.precision);
     let mut d_norm = vec![0f32; c];
@@ -208,9 +212,13 @@ fn attention_backward(p: &Pass, w: &LayerWeights, a: LayerActs, dx: &mut [f32]) 
     drop(dy);
     rope_in_place(&mut dq, g.heads, g, p.rope, true);
     rope_in_place(&mut dk, g.kv_heads, g, p.rope, true);
-    let dwq = linear_dw(&dq, &a.h1, (n, c, c), p.precision);
-    let dwk = linear_dw(&dk, &a.h1, (n, c, kvc), p.precision);
-    let dwv = linear_dw(&dv, &a.h1, (n, c, kvc), p.precision);
+    let dwqkv = linear_dw_shared(
+        &[(&dq, c), (&dk, kvc), (&dv, kvc)],
+        &a.h1,
+        (n, c),
+        p.precision,
+    );
+    let [dwq, dwk, dwv]: [Vec<f32>; 3] = dwqkv.try_into().expect("three products");
     let mut dh1 = linear_dx(&dq, w.wq, (n, c, c), p.precision);
     linear_dx_add(&mut dh1, &dk, w.wk, (n, c, kvc), p.precision);
     linear_dx_add(&mut dh1, &dv, w.wv, (n, c, kvc), p.precision);

@@ -7,6 +7,7 @@
 //! training step's shapes (mostly on the weight gradients, whose rows are few and long), and
 //! each output element is still summed by one call in one fixed order.
 
+use super::amx::Part;
 use rayon::prelude::*;
 
 /// A matrix operand: (elements, row stride, column stride).
@@ -64,6 +65,88 @@ pub fn matmul_new(
         c.set_len(m * n);
     }
     c
+}
+
+/// New matrices a·b_i (m × n_i), one per (b_i, n_i): one input by several weights. In bf16
+/// on AMX the input is packed once for all of them.
+pub fn matmul_new_shared_a(
+    a: Operand,
+    (m, k): (usize, usize),
+    bs: &[(Operand, usize)],
+    precision: Precision,
+) -> Vec<Vec<f32>> {
+    if !(precision == Precision::Bf16 && super::amx::available()) {
+        return bs
+            .iter()
+            .map(|&(b, n)| matmul_new(a, b, (m, n, k), precision))
+            .collect();
+    }
+    let mut outs: Vec<Vec<f32>> = bs.iter().map(|&(_, n)| Vec::with_capacity(m * n)).collect();
+    let parts: Vec<Part> = outs
+        .iter_mut()
+        .zip(bs)
+        .map(|(c, &(b, n))| {
+            check_operands(a, b, (m, n, k));
+            Part {
+                c: Rows(c.as_mut_ptr()),
+                ldc: n,
+                operand: b,
+                extent: n,
+            }
+        })
+        .collect();
+    // SAFETY: each destination is its Vec's own capacity (m·n_i, row stride n_i), every
+    // element of which the kernel writes without reading it before the length is set; the
+    // operands were checked.
+    unsafe {
+        super::amx::matmul_shared_a(a, (m, k), &parts, false, Threads::All);
+        for (c, &(_, n)) in outs.iter_mut().zip(bs) {
+            c.set_len(m * n);
+        }
+    }
+    outs
+}
+
+/// New matrices a_i·b (m_i × n), one per (a_i, m_i): several products of one right-hand
+/// operand (the weight gradients of weights that read one input). In bf16 on AMX, b is
+/// packed once for all of them.
+pub fn matmul_new_shared_b(
+    b: Operand,
+    (n, k): (usize, usize),
+    a_s: &[(Operand, usize)],
+    precision: Precision,
+) -> Vec<Vec<f32>> {
+    if !(precision == Precision::Bf16 && super::amx::available()) {
+        return a_s
+            .iter()
+            .map(|&(a, m)| matmul_new(a, b, (m, n, k), precision))
+            .collect();
+    }
+    let mut outs: Vec<Vec<f32>> = a_s
+        .iter()
+        .map(|&(_, m)| Vec::with_capacity(m * n))
+        .collect();
+    let parts: Vec<Part> = outs
+        .iter_mut()
+        .zip(a_s)
+        .map(|(c, &(a, m))| {
+            check_operands(a, b, (m, n, k));
+            Part {
+                c: Rows(c.as_mut_ptr()),
+                ldc: n,
+                operand: a,
+                extent: m,
+            }
+        })
+        .collect();
+    // SAFETY: as in matmul_new_shared_a, with (m_i × n) destinations.
+    unsafe {
+        super::amx::matmul_shared_b(b, (n, k), &parts, Threads::All);
+        for (c, &(_, m)) in outs.iter_mut().zip(a_s) {
+            c.set_len(m * n);
+        }
+    }
+    outs
 }
 
 /// c (m×n, row stride `ldc`: a block of a wider matrix) = a·b, or c += a·b with `accumulate`.

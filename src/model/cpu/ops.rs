@@ -3,7 +3,9 @@
 //! Every reduction runs in fixed row chunks, so results do not depend on the thread count.
 
 use super::kernels::{rmsnorm_backward_row, rmsnorm_row};
-use super::matmul::{matmul_into, matmul_new, Precision, Threads};
+use super::matmul::{
+    matmul_into, matmul_new, matmul_new_shared_a, matmul_new_shared_b, Precision, Threads,
+};
 use super::Dims;
 use rayon::prelude::*;
 
@@ -16,6 +18,30 @@ pub type Shape = (usize, usize, usize);
 /// y (rows×out) = x (rows×inp) · wᵀ, w being (out×inp) as stored.
 pub fn linear(x: &[f32], w: &[f32], (rows, inp, out): Shape, p: Precision) -> Vec<f32> {
     matmul_new((x, inp, 1), (w, 1, inp), (rows, out, inp), p)
+}
+
+/// y_i (rows×out_i) = x · w_iᵀ for every (w_i, out_i): one input by several weights (q, k, v;
+/// gate, up), the input packed once.
+pub fn linear_shared(
+    x: &[f32],
+    ws: &[(&[f32], usize)],
+    (rows, inp): (usize, usize),
+    p: Precision,
+) -> Vec<Vec<f32>> {
+    let bs: Vec<_> = ws.iter().map(|&(w, out)| ((w, 1, inp), out)).collect();
+    matmul_new_shared_a((x, inp, 1), (rows, inp), &bs, p)
+}
+
+/// dw_i (out_i×inp) = dy_iᵀ · x for every (dy_i, out_i): the weight gradients of weights that
+/// read one input, the input packed once.
+pub fn linear_dw_shared(
+    dys: &[(&[f32], usize)],
+    x: &[f32],
+    (rows, inp): (usize, usize),
+    p: Precision,
+) -> Vec<Vec<f32>> {
+    let a_s: Vec<_> = dys.iter().map(|&(dy, out)| ((dy, 1, out), out)).collect();
+    matmul_new_shared_b((x, inp, 1), (inp, rows), &a_s, p)
 }
 
 /// dx (rows×inp) = dy (rows×out) · w.
