@@ -237,7 +237,7 @@ fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
 }
 
 /// A rank killed with SIGKILL: no rank hangs (the launcher ends the job), and rank 0 left a
-/// checkpoint of a completed step that resumes.
+/// checkpoint of a completed step, reason peer-lost, that resumes.
 #[test]
 fn a_killed_rank_hangs_nobody_and_leaves_a_checkpoint() {
     let _job = one_job();
@@ -249,8 +249,12 @@ fn a_killed_rank_hangs_nobody_and_leaves_a_checkpoint() {
     unsafe { libc::kill(rank1, libc::SIGKILL) };
     let status = wait_timeout(&mut child, Duration::from_secs(60)).expect("no rank hangs");
     assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
     let meta = ckpt_meta(&ckpt.join("full_model.ckpt"));
     assert!(meta["step"].as_u64().unwrap() >= 1, "{meta}");
+    // mpirun sends the survivors SIGTERM as well; rank 0 still tells a dead peer from a stop.
+    assert_eq!(meta["reason"], "peer-lost", "{text}");
+    assert!(text.contains("rank 1 (pid"), "{text}");
     let o = inspect(&ckpt.join("full_model.ckpt"));
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }

@@ -25,7 +25,47 @@ pub fn init() -> Result<Group, String> {
         size: world.size() as usize,
     };
     *locked(&UNIVERSE) = Some(universe);
+    // Where every rank runs, so that a rank left waiting after a stop can tell a peer that
+    // is gone (killed) from one that is only slow.
+    let me = [machine_id(), std::process::id() as u64];
+    let all = all_gather(&me).map_err(|l| format!("MPI start-up: {}", l.message))?;
+    let _ = PEERS.set(all.chunks(2).map(|p| (p[0], p[1])).collect());
     Ok(group)
+}
+
+/// (machine, pid) of every rank, in rank order.
+static PEERS: std::sync::OnceLock<Vec<(u64, u64)>> = std::sync::OnceLock::new();
+
+/// A digest of this machine's host name.
+fn machine_id() -> u64 {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most name.len() bytes into the buffer.
+    let ok = unsafe { libc::gethostname(name.as_mut_ptr() as *mut libc::c_char, name.len()) } == 0;
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    if ok {
+        xxhash_rust::xxh3::xxh3_64(&name[..len])
+    } else {
+        0
+    }
+}
+
+/// The first peer on this machine whose process no longer exists: (rank, pid). Peers on
+/// other machines cannot be checked this way.
+fn gone_local_peer() -> Option<(usize, u64)> {
+    let peers = PEERS.get()?;
+    let here = machine_id();
+    let me = super::group().rank;
+    peers
+        .iter()
+        .enumerate()
+        .find_map(|(rank, &(machine, pid))| {
+            let local = rank != me && machine == here && here != 0;
+            // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
+            let gone = local
+                && unsafe { libc::kill(pid as libc::pid_t, 0) } != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            gone.then_some((rank, pid))
+        })
 }
 
 pub fn finish() {
@@ -138,6 +178,15 @@ fn wait<D: ?Sized>(mut req: Request<'static, D, StaticScope>, what: &str) -> Res
         if by_signal || start.elapsed() > timeout {
             std::mem::forget(req);
             super::mark_broken();
+            if let Some((rank, pid)) = gone_local_peer() {
+                // The stop came with (or because of) a dead peer: mpirun signals the others
+                // when one rank dies.
+                let message = format!("rank {rank} (pid {pid}, on this machine) is gone while {what}: it was killed or crashed");
+                return Err(Lost {
+                    message,
+                    by_signal: false,
+                });
+            }
             let message = if by_signal {
                 format!("stopped while {what}: the other ranks did not reach this step within {:.1} s of the stop", grace.as_secs_f64())
             } else {
