@@ -9,7 +9,7 @@
 ---@field device string The compute device (`cpu`, `cuda:0`, ...; `--device`).
 ---@field dtype string The compute dtype (`f32` or `bf16`; `--dtype`). Weights stay f32.
 ---@field rank integer Data-parallel: this process's rank (0 alone; rank 0 prints, logs and saves).
----@field world_size integer Data-parallel: the number of ranks (1 alone). `session:step` trains this rank's rows of each batch.
+---@field world_size integer Data-parallel: the number of ranks (1 alone). `loader:next()` hands each rank its rows of the global batch.
 ---@field version string wick's version.
 ---@field state table Your own plain data, saved in the checkpoint and restored on resume.
 ---@field optim wick.optim
@@ -208,7 +208,7 @@ function wick.data.loader(opts) end
 ---@field filtered integer Documents a Lua filter or map dropped.
 local Loader = {}
 
---- The next batch.
+--- The next batch (data-parallel: this rank's rows of it).
 ---@return wick.Batch
 function Loader:next() end
 
@@ -217,7 +217,7 @@ function Loader:next() end
 function Loader:set(opts) end
 
 ---@class wick.Batch
----@field size integer
+---@field size integer Rows (data-parallel: this rank's share of the global batch).
 ---@field seq_len integer
 local Batch = {}
 

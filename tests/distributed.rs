@@ -413,3 +413,71 @@ fn a_failed_save_on_rank_0_is_exit_74_on_every_rank() {
     }
     assert!(stderr(&o).contains("is safe there"), "{}", stderr(&o));
 }
+
+/// `loader:next()` hands each rank its share of the global batch (its `size` is the share),
+/// the shares together are the batch one rank reads alone, and the tokens counted are the
+/// global batch's.
+#[test]
+fn each_rank_gets_its_share_of_the_global_batch() {
+    let _job = one_job();
+    let d = Dir::new();
+    d.corpus("a.jsonl", 60);
+    d.write(
+        "r.lua",
+        r#"
+local model = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }
+local session = wick.session{ model = model }
+local train = wick.data.loader{ source = wick.data.jsonl{ "a.jsonl" }, batch = 4, seq_len = 16 }
+local out = assert(io.open(("rows-%d-of-%d.txt"):format(wick.rank, wick.world_size), "w"))
+for _ in session:steps(3) do
+  local b = train:next()
+  for r = 1, b.size do out:write(b.size, ": ", table.concat(b:tokens(r), " "), "\n") end
+  session:step(b)
+end
+out:close()
+"#,
+    );
+    let bin = wick_bin();
+    for (n, ckpt) in [(1, "one"), (2, "two")] {
+        let o = Command::new("mpirun")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .current_dir(d.path())
+            .args(["--oversubscribe", "-n", &n.to_string(), bin, "run", "r.lua"])
+            .args(["--ckpt-dir", ckpt])
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let meta = ckpt_meta(&d.join(ckpt).join("full_model.ckpt"));
+        assert_eq!(meta["tokens_seen"], 3 * 4 * 16, "{meta}");
+    }
+    let lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(d.join(name))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    let alone = lines("rows-0-of-1.txt");
+    let (r0, r1) = (lines("rows-0-of-2.txt"), lines("rows-1-of-2.txt"));
+    assert_eq!(alone.len(), 12);
+    assert!(alone.iter().all(|l| l.starts_with("4: ")), "{alone:?}");
+    assert!(
+        r0.iter().chain(&r1).all(|l| l.starts_with("2: ")),
+        "{r0:?} {r1:?}"
+    );
+    // Step by step: rank 0 has the first two rows of the batch, rank 1 the last two.
+    for step in 0..3 {
+        let rows = |v: &[String], a: usize, b: usize| -> Vec<String> {
+            v[a..b].iter().map(|l| l[3..].to_string()).collect()
+        };
+        let mut together = rows(&r0, 2 * step, 2 * step + 2);
+        together.extend(rows(&r1, 2 * step, 2 * step + 2));
+        assert_eq!(
+            together,
+            rows(&alone, 4 * step, 4 * step + 4),
+            "step {}",
+            step + 1
+        );
+    }
+}

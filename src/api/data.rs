@@ -180,7 +180,9 @@ fn next_batch(loader: &LoaderHandle) -> mlua::Result<BatchHandle> {
         .map_err(|_| mlua::Error::runtime("loader is unusable after a crash"))?;
     match l.next(&signals::should_unwind) {
         Ok((w, cursor)) => Ok(BatchHandle {
-            windows: Arc::new(w),
+            // Data-parallel: every rank reads the global batch (one cursor for all) and
+            // keeps its own rows.
+            windows: Arc::new(w.my_share().map_err(mlua::Error::runtime)?),
             source: Some((loader.0.clone(), cursor)),
         }),
         Err(NextError::Interrupted) => Err(mlua::Error::external(Interrupted)),

@@ -73,6 +73,7 @@ pub fn batch(_: &Lua, rows: Value) -> mlua::Result<BatchHandle> {
             tokens,
             batch: n,
             width,
+            share_of: None,
         }),
         source: None,
     })

@@ -273,6 +273,7 @@ pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
             tokens,
             batch,
             width,
+            share_of: None,
         };
         let data_ms = t0.elapsed().as_secs_f64() * 1e3;
         session.train_step(&windows).map_err(|e| e.to_string())?;

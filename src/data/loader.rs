@@ -126,6 +126,7 @@ impl Producer {
                 tokens,
                 batch: self.batch,
                 width: self.width,
+                share_of: None,
             },
             self.cursor.clone(),
         ))
@@ -267,6 +268,7 @@ impl Loader {
                 tokens,
                 batch,
                 width,
+                share_of: None,
             },
             cursor,
         ))
@@ -409,6 +411,7 @@ impl Loader {
                 tokens,
                 batch,
                 width,
+                share_of: None,
             });
         }
         feed.reposition(here).map_err(failed)?;

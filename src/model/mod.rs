@@ -644,6 +644,7 @@ mod tests {
             tokens: batch(11, 4, 9, 2),
             batch: 4,
             width: 9,
+            share_of: None,
         };
         let first = s.train_step(&w).ok().unwrap();
         let mut last = first;
@@ -665,6 +666,7 @@ mod tests {
                         tokens: batch(11, 2, 9, i),
                         batch: 2,
                         width: 9,
+                        share_of: None,
                     };
                     s.train_step(&w).ok().unwrap().to_bits()
                 })

@@ -29,7 +29,7 @@ pub fn train(
     state: impl Fn() -> serde_json::Value,
 ) -> Result<f64> {
     let started = Instant::now();
-    let step_tokens = (windows.batch * (windows.width - 1)) as u64;
+    let step_tokens = (windows.global_rows() * (windows.width - 1)) as u64;
     if crate::dist::group().size > 1 {
         agree_on_step(session, windows)?;
     }
@@ -101,7 +101,7 @@ fn agree_on_step(session: &Mutex<Session>, windows: &Windows) -> Result<()> {
     } else {
         0
     };
-    let batch_digest = crate::dist::digest_tokens(&windows.tokens);
+    let batch_digest = windows.global_digest();
     match crate::dist::agree(mark, model_digest, batch_digest) {
         Ok(crate::dist::Agreement::Go) => Ok(()),
         Ok(crate::dist::Agreement::Stop(sig)) => {

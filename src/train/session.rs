@@ -66,11 +66,14 @@ impl From<candle_core::Error> for StepError {
 }
 
 /// A batch of packed token windows, (batch, seq+1), as the loaders produce them.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Windows {
     pub tokens: Vec<u32>,
     pub batch: usize,
     pub width: usize,
+    /// Data-parallel: this is one rank's rows of a global batch of this many rows, whose
+    /// tokens have this digest (the ranks compare it before the step). None: a whole batch.
+    pub share_of: Option<(usize, u64)>,
 }
 
 impl Windows {
@@ -80,7 +83,31 @@ impl Windows {
             tokens: self.tokens[rows.start * self.width..rows.end * self.width].to_vec(),
             batch: rows.len(),
             width: self.width,
+            share_of: None,
         }
+    }
+
+    /// Data-parallel: this rank's share of the batch (`dist::my_rows`), which remembers the
+    /// whole batch's size and digest. Alone, the batch itself.
+    pub fn my_share(self) -> Result<Windows, String> {
+        if crate::dist::group().size == 1 || self.share_of.is_some() {
+            return Ok(self);
+        }
+        let rows = crate::dist::my_rows(self.batch)?;
+        let mut share = self.rows(rows);
+        share.share_of = Some((self.batch, crate::dist::digest_tokens(&self.tokens)));
+        Ok(share)
+    }
+
+    /// Rows of the whole batch (all ranks together).
+    pub fn global_rows(&self) -> usize {
+        self.share_of.map_or(self.batch, |(rows, _)| rows)
+    }
+
+    /// Digest of the whole batch's tokens, the same on every rank that trains on it.
+    pub fn global_digest(&self) -> u64 {
+        self.share_of
+            .map_or_else(|| crate::dist::digest_tokens(&self.tokens), |(_, d)| d)
     }
 
     pub fn to_tensor(&self, model: &Llama) -> candle_core::Result<Tensor> {
@@ -132,12 +159,15 @@ impl Session {
             .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
         let next_step = self.step + 1;
         let t0 = Instant::now();
-        // Data-parallel: this rank trains on its share of the global batch's rows.
+        // Data-parallel: this rank trains on its share of the global batch's rows (a loader
+        // hands out shares; a batch made by the recipe is shared out here).
+        let global_tokens = (windows.global_rows() * (windows.width - 1)) as u64;
         let share;
-        let windows = if crate::dist::group().size > 1 {
-            let rows = crate::dist::my_rows(windows.batch)
+        let windows = if crate::dist::group().size > 1 && windows.share_of.is_none() {
+            share = windows
+                .clone()
+                .my_share()
                 .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
-            share = windows.rows(rows);
             &share
         } else {
             windows
@@ -193,7 +223,7 @@ impl Session {
         };
         let t3 = Instant::now();
         self.step = next_step;
-        self.tokens_seen += (windows.batch * (windows.width - 1)) as u64;
+        self.tokens_seen += global_tokens;
         self.last_loss = Some(loss_value);
         self.last_grad_norm = Some(stats.grad_norm);
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
