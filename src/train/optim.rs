@@ -119,12 +119,16 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         let fast = named.iter().all(|(_, var, g)| {
-            var.device().is_cpu() && var.dtype() == DType::F32 && g.dtype() == DType::F32
+            let here = var.device().is_cpu() || (var.device().is_cuda() && gpu_kernels_on());
+            here && var.dtype() == DType::F32
+                && g.dtype() == DType::F32
+                && var.is_contiguous()
+                && g.is_contiguous()
         });
         for (name, var, g) in named {
             if fast {
-                // Multi-threaded passes over the tensors' own storage instead of a dozen
-                // tensor ops, each allocating.
+                // Passes over the tensors' own storage (multi-threaded on the CPU, one kernel
+                // each on the GPU) instead of a dozen tensor ops, each allocating.
                 let hyper = Hyper {
                     lr: lr as f32,
                     decay: if decayed(name) {
@@ -257,6 +261,34 @@ impl InplaceOp2 for MomentUpdate {
             });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let (m, g) = (gpu::range(l1)?, gpu::range(l2)?);
+        let func = s2
+            .device()
+            .get_or_load_custom_func("adamw_moment", "wick_adamw", gpu::PTX)?;
+        let g = s2.as_cuda_slice::<f32>()?.slice(g);
+        let n = m.len() as u64;
+        let mut m = s1.as_cuda_slice_mut::<f32>()?.slice_mut(m);
+        let square = self.square as i32;
+        let mut b = func.builder();
+        b.arg(&mut m)
+            .arg(&g)
+            .arg(&self.beta)
+            .arg(&self.scale)
+            .arg(&square)
+            .arg(&n);
+        gpu::launch(b, n)
+    }
 }
 
 /// The parameter step in place from the updated moments:
@@ -291,6 +323,75 @@ impl InplaceOp3 for ParamUpdate<'_> {
                     *p = *p * h.decay - h.lr * step;
                 }
             });
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let h = self.0;
+        let (p, m, v) = (gpu::range(l1)?, gpu::range(l2)?, gpu::range(l3)?);
+        let func = s2
+            .device()
+            .get_or_load_custom_func("adamw_param", "wick_adamw", gpu::PTX)?;
+        let m = s2.as_cuda_slice::<f32>()?.slice(m);
+        let v = s3.as_cuda_slice::<f32>()?.slice(v);
+        let n = p.len() as u64;
+        let mut p = s1.as_cuda_slice_mut::<f32>()?.slice_mut(p);
+        let mut b = func.builder();
+        b.arg(&mut p)
+            .arg(&m)
+            .arg(&v)
+            .arg(&h.decay)
+            .arg(&h.lr)
+            .arg(&h.bc1)
+            .arg(&h.bc2)
+            .arg(&h.eps)
+            .arg(&n);
+        gpu::launch(b, n)
+    }
+}
+
+/// Whether GPU parameters take the AdamW kernels (`WICK_GPU_ADAMW=ops`: candle tensor ops, the
+/// reference they are checked against).
+fn gpu_kernels_on() -> bool {
+    std::env::var("WICK_GPU_ADAMW").map_or(true, |v| v != "ops")
+}
+
+/// Launching the AdamW kernels of `adamw.cu` (PTX built by build.rs) on candle's stream.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::Layout;
+
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+
+    /// The element range of a contiguous tensor in its storage.
+    pub fn range(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(a..b),
+            None => candle_core::bail!("AdamW: expected a contiguous f32 tensor"),
+        }
+    }
+
+    pub fn launch(mut b: LaunchArgs, n: u64) -> candle_core::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        // SAFETY: the arguments match the kernel's parameters in order and type; one thread
+        // per element, guarded by n.
+        unsafe { b.launch(cfg) }.w()?;
         Ok(())
     }
 }
