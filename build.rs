@@ -11,7 +11,9 @@ fn main() {
         if let Some(dir) = std::env::var_os("CUDART_SHIM_DIR") {
             println!("cargo:rustc-link-search=native={}", dir.to_string_lossy());
         }
-        compile_ptx("src/train/adamw.cu");
+        for kernel in ["src/train/adamw.cu", "src/model/causal_softmax.cu"] {
+            compile_ptx(kernel);
+        }
     }
 }
 

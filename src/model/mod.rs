@@ -6,6 +6,7 @@
 //! through the hand-written passes in `cpu/` for training, evaluation and sampling alike.
 //! Parameter names follow llama2.c.
 
+pub mod causal_softmax;
 mod config;
 pub mod cpu;
 pub mod generate;
@@ -15,6 +16,7 @@ pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
 
 use crate::util::rng::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+use causal_softmax::causal_softmax;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -280,7 +282,6 @@ impl Llama {
         let cd = self.compute_dtype;
         let cos = self.cos.narrow(0, past, t)?.to_dtype(cd)?;
         let sin = self.sin.narrow(0, past, t)?.to_dtype(cd)?;
-        let mask = causal_mask(t, past, &self.device)?.to_dtype(self.master_dtype())?;
         for i in 0..c.n_layers {
             let p = format!("layers.{i}");
             let h = rms_norm(
@@ -289,7 +290,7 @@ impl Llama {
                 c.norm_eps,
             )?;
             let slot = cache.as_deref_mut().map(|k| &mut k.layers[i]);
-            let a = self.attention(&h, &p, (&cos, &sin), &mask, slot)?;
+            let a = self.attention(&h, &p, (&cos, &sin), past, slot)?;
             let a = a.to_dtype(x.dtype())?;
             x = (x + a)?;
             let h = rms_norm(&x, &self.p(&format!("{p}.ffn_norm.weight"))?, c.norm_eps)?;
@@ -321,7 +322,7 @@ impl Llama {
         x: &Tensor,
         p: &str,
         (cos, sin): (&Tensor, &Tensor),
-        mask: &Tensor,
+        past: usize,
         cached: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -362,13 +363,10 @@ impl Llama {
         } else {
             (k, v)
         };
-        let scale = 1.0 / (hd as f64).sqrt();
-        // Masked softmax in the master dtype whatever the compute dtype: bf16 loses too much
-        // in exp and the row sums.
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .to_dtype(self.master_dtype())?
-            .broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Scale, causal mask and softmax in f32 whatever the compute dtype (bf16 loses too
+        // much in exp and the row sums), as one op with its own backward.
+        let probs = causal_softmax(&q.matmul(&k.t()?)?, scale, past, self.master_dtype())?;
         let y = probs.to_dtype(v.dtype())?.matmul(&v)?; // (b, h, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, c.dim))?;
         self.linear(&y, &format!("{p}.attention.wo.weight"))
@@ -445,15 +443,6 @@ fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
         Tensor::from_vec(cos, (c.seq_len, half), device)?,
         Tensor::from_vec(sin, (c.seq_len, half), device)?,
     ))
-}
-
-/// (t, past + t): query i (at position past + i) sees keys 0..=past + i.
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let n = past + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..n).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, n), device)
 }
 
 /// Keys and values of the positions so far, per layer (sampling with the composed model).
