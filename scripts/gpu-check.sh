@@ -155,7 +155,12 @@ for cfg in "small 288 6 6 32000 256" "124m 768 12 12 32000 1024"; do
     line="$line; torch ${t:-failed} tokens/s; wick/torch ${ratio:-?}"
   fi
   [ -n "$w" ]; check "bench $1" $? "$line"
+  say "  $1 ms: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"])' "$RESULTS/bench-$1.json" 2>/dev/null)"
 done
+# What wick's own kernels buy on the 124m step: the same bench with candle's tensor ops instead.
+timeout 240 env WICK_GPU_ADAMW=ops WICK_SOFTMAX=composed "$WICK" bench train --device cuda --dtype bf16 \
+  --configs 124m --steps 20 --warmup 3 >"$RESULTS/bench-124m-ops.json" 2>"$RESULTS/bench-124m-ops.err"
+say "  124m with tensor ops instead of wick's kernels: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["tokens_per_s"], "tokens/s; forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"])' "$RESULTS/bench-124m-ops.json" 2>/dev/null)"
 
 say "done: $([ $FAILED = 0 ] && echo all checks passed || echo some checks FAILED)"
 exit $FAILED
