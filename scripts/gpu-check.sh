@@ -155,7 +155,8 @@ for cfg in "small 288 6 6 32000 256" "124m 768 12 12 32000 1024"; do
     line="$line; torch ${t:-failed} tokens/s; wick/torch ${ratio:-?}"
   fi
   [ -n "$w" ]; check "bench $1" $? "$line"
-  say "  $1 ms: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"])' "$RESULTS/bench-$1.json" 2>/dev/null)"
+  say "  wick $1: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"], "ms; MFU", r["mfu"], "; peak GPU memory", r["peak_gpu_mem_mb"], "MiB")' "$RESULTS/bench-$1.json" 2>/dev/null)"
+  [ -f "$RESULTS/torch-$1.json" ] && say "  torch $1: $(python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print("MFU", r.get("mfu"), "; peak GPU memory", r.get("peak_gpu_mem_mb"), "MiB")' "$RESULTS/torch-$1.json" 2>/dev/null)"
 done
 # What wick's own kernels buy on the 124m step: the same bench with candle's tensor ops instead.
 timeout 240 env WICK_GPU_ADAMW=ops WICK_SOFTMAX=composed "$WICK" bench train --device cuda --dtype bf16 \

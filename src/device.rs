@@ -148,6 +148,34 @@ fn keep_freed_gpu_memory(ordinal: usize) {
     }
 }
 
+/// The most GPU memory the run's tensors have held at once, in MiB: the high-water mark of
+/// the device's default pool, which every candle allocation comes from (cuMemAllocAsync).
+/// None on the CPU or when the driver does not say.
+pub fn gpu_peak_memory_mb(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let dev = d.cuda_stream().context().cu_device();
+        // SAFETY: plain driver calls on a device candle initialised; the pointers are to
+        // locals that outlive the calls.
+        unsafe {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let mut high: u64 = 0;
+            let got = sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            );
+            return (got == sys::CUresult::CUDA_SUCCESS).then(|| high as f64 / (1 << 20) as f64);
+        }
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(feature = "cuda")]
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)

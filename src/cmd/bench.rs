@@ -304,6 +304,13 @@ pub fn train(name: &str, o: &TrainBench) -> Result<serde_json::Value, String> {
         "data_wait_ms": (median(&mut data) * 100.0).round() / 100.0,
         "achieved_gflops_excl_emb": (train_flops(&c, batch) / (med / 1e3) / 1e9 * 10.0).round() / 10.0,
         "peak_rss_mb": peak_rss_mb().round(),
+        "peak_gpu_mem_mb": crate::device::gpu_peak_memory_mb(&compute.device).map(|m| m.round()),
+        // Model FLOPs utilisation against a dense bf16 peak of 989 TFLOP/s (H100/H200; other
+        // GPUs: WICK_PEAK_TFLOPS), as torch_llama.py reports it. GPUs only.
+        "mfu": compute.device.is_cuda().then(|| {
+            let peak = std::env::var("WICK_PEAK_TFLOPS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(989.0);
+            (train_flops(&c, batch) / (med / 1e3) / (peak * 1e12) * 1e4).round() / 1e4
+        }),
         "threads": rayon::current_num_threads(),
         "device": compute.device_name,
         "dtype": compute.dtype_name(),
