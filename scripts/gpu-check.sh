@@ -2,13 +2,16 @@
 # The GPU check of wick's CUDA build, on a machine with an NVIDIA GPU (a few minutes):
 #   0. clear errors for a bad GPU index and for missing CUDA libraries
 #   1. the tiny preset, 20 steps, on cuda (f32) and on the CPU from the same seed:
-#      losses agree to 1e-3 relative; wick's CUDA kernels (AdamW, causal softmax) agree with
-#      candle's tensor ops to 1e-4; the CPU run's checkpoint then resumes on cuda
+#      losses agree to 1e-3 relative; wick's CUDA kernels (AdamW, causal softmax) and the
+#      explicit-backward tensor step agree with the default path to 1e-4; the CPU run's
+#      checkpoint then resumes on cuda
 #   2. a bf16 run whose loss falls
 #   3. SIGINT during a cuda run -> exit 130 and a checkpoint that loads (and resumes) on the CPU
 #   4. `wick repl` and `wick test tests/regress` (golden loss curve) on the GPU
 #   5. tokens/s of the small config and of a 124M llama in bf16, beside PyTorch
-#      (shared/bench/torch_llama.py, when TORCH_BENCH points at it) on the same GPU, as ratios
+#      (shared/bench/torch_llama.py, when TORCH_BENCH points at it) on the same GPU, as ratios;
+#      per-phase ms, MFU and peak GPU memory; the same with the tensor step and with candle's
+#      tensor ops in place of wick's kernels
 #
 # usage: scripts/gpu-check.sh [WICK]   WICK defaults to target/cuda/target/release/wick;
 #        a WICK.xz next to it is unpacked first. Results go to $RESULTS (default gpu-check-out/):
@@ -85,7 +88,8 @@ check "cpu vs cuda f32 losses" $? "$(cat "$RESULTS/parity.txt" | tail -1)"
 # wick's own CUDA kernels against candle's tensor ops, each alone: AdamW (src/train/adamw.cu,
 # off with WICK_GPU_ADAMW=ops) and the causal softmax (src/model/causal_softmax.cu, off with
 # WICK_SOFTMAX=composed).
-for k in "adamw WICK_GPU_ADAMW=ops" "softmax WICK_SOFTMAX=composed"; do
+# And the explicit-backward tensor step (WICK_GPU_STEP=tensor, opt-in) against the default.
+for k in "adamw WICK_GPU_ADAMW=ops" "softmax WICK_SOFTMAX=composed" "tensor-step WICK_GPU_STEP=tensor"; do
   set -- $k
   timeout 300 env "$2" "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda-$1-ops" -- 20 >"$RESULTS/cuda-$1-ops.log" 2>&1; rc=$?
   python3 - "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-$1-ops/metrics.jsonl" >"$RESULTS/$1.txt" 2>&1 <<'PY'
@@ -96,7 +100,7 @@ rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
 print(f"steps {len(a)}/{len(b)}  last {a[-1]:.6f}/{b[-1]:.6f}  max rel diff {rel:.2e}")
 sys.exit(0 if len(a) == len(b) == 20 and rel < 1e-4 else 1)
 PY
-  r=$?; check "cuda $1 kernels vs tensor ops ($2)" $(( rc == 0 ? r : 1 )) "exit $rc; $(tail -1 "$RESULTS/$1.txt")"
+  r=$?; check "cuda: $2 agrees with the default path" $(( rc == 0 ? r : 1 )) "exit $rc; $(tail -1 "$RESULTS/$1.txt")"
 done
 # ... and the CPU run's checkpoint continues on the GPU (the reverse of step 3).
 timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cpu" --resume -- 23 >"$RESULTS/cpu-to-cuda.log" 2>&1; rc=$?
@@ -157,6 +161,12 @@ for cfg in "small 288 6 6 32000 256" "124m 768 12 12 32000 1024"; do
   [ -n "$w" ]; check "bench $1" $? "$line"
   say "  wick $1: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"], "ms; MFU", r["mfu"], "; peak GPU memory", r["peak_gpu_mem_mb"], "MiB")' "$RESULTS/bench-$1.json" 2>/dev/null)"
   [ -f "$RESULTS/torch-$1.json" ] && say "  torch $1: $(python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print("MFU", r.get("mfu"), "; peak GPU memory", r.get("peak_gpu_mem_mb"), "MiB")' "$RESULTS/torch-$1.json" 2>/dev/null)"
+done
+# The explicit-backward tensor step (WICK_GPU_STEP=tensor) on both configs.
+for cfg in small 124m; do
+  timeout 240 env WICK_GPU_STEP=tensor "$WICK" bench train --device cuda --dtype bf16 --configs $cfg \
+    --steps 20 --warmup 3 >"$RESULTS/bench-$cfg-tensor.json" 2>"$RESULTS/bench-$cfg-tensor.err"
+  say "  $cfg, tensor step: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["step_path"], r["tokens_per_s"], "tokens/s; forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"], "ms; MFU", r["mfu"], "; peak GPU memory", r["peak_gpu_mem_mb"], "MiB")' "$RESULTS/bench-$cfg-tensor.json" 2>/dev/null || tail -2 "$RESULTS/bench-$cfg-tensor.err")"
 done
 # What wick's own kernels buy on the 124m step: the same bench with candle's tensor ops instead.
 timeout 240 env WICK_GPU_ADAMW=ops WICK_SOFTMAX=composed "$WICK" bench train --device cuda --dtype bf16 \

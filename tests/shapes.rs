@@ -2,7 +2,8 @@
 //! and grouped-query attention, one head, head sizes that are not a multiple of the SIMD width,
 //! windows of one token and of several causal blocks, tied embeddings. Each run's losses match
 //! the composed candle reference (`WICK_ATTENTION=composed`) and do not depend on the thread
-//! count.
+//! count; the explicit-backward tensor step (`WICK_GPU_STEP=tensor`, the GPU's opt-in path)
+//! matches the reference too.
 mod common;
 use common::*;
 
@@ -19,13 +20,25 @@ end
 print(("eval %.9e"):format(session:eval(train, 1)))
 "#;
 
-fn losses(d: &Dir, args: &[&str], threads: &str, composed: bool) -> Vec<f64> {
+/// Which step trains: the hand-written CPU step, candle's composed autograd, or the tensor
+/// step with its explicit backward.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Cpu,
+    Composed,
+    Tensor,
+}
+
+fn losses(d: &Dir, args: &[&str], threads: &str, path: Path) -> Vec<f64> {
     let mut extra = vec!["--"];
     extra.extend_from_slice(args);
     let mut cmd = d.run_cmd("shape.lua", &extra);
     cmd.env("RAYON_NUM_THREADS", threads);
-    if composed {
+    if path != Path::Cpu {
         cmd.env("WICK_ATTENTION", "composed");
+    }
+    if path == Path::Tensor {
+        cmd.env("WICK_GPU_STEP", "tensor");
     }
     let o = cmd.output().unwrap();
     assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
@@ -53,14 +66,19 @@ fn odd_shapes_match_the_reference_and_any_thread_count() {
         ["64", "1", "4", "4", "70", "3", "192", "untied"], // products split into row bands
     ];
     for s in &shapes {
-        let fast = losses(&d, s, "2", false);
-        let one_thread = losses(&d, s, "1", false);
+        let fast = losses(&d, s, "2", Path::Cpu);
+        let one_thread = losses(&d, s, "1", Path::Cpu);
         assert_eq!(fast, one_thread, "{s:?}: losses depend on the thread count");
-        let reference = losses(&d, s, "1", true);
-        for (a, b) in fast.iter().zip(&reference) {
+        let reference = losses(&d, s, "1", Path::Composed);
+        let tensor = losses(&d, s, "2", Path::Tensor);
+        for ((a, b), t) in fast.iter().zip(&reference).zip(&tensor) {
             assert!(
                 (a - b).abs() <= 1e-4 * b.abs(),
                 "{s:?}: hand-written step {fast:?} vs composed reference {reference:?}"
+            );
+            assert!(
+                (t - b).abs() <= 1e-4 * b.abs(),
+                "{s:?}: tensor step {tensor:?} vs composed reference {reference:?}"
             );
         }
         assert!(

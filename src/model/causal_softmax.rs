@@ -22,6 +22,15 @@ pub fn causal_softmax(scores: &Tensor, scale: f32, past: usize, dtype: DType) ->
         .apply_op1(CausalSoftmax { scale, past })
 }
 
+/// The backward of `causal_softmax` given its probabilities (f32) and their gradient:
+/// d(scores) = scale · p ⊙ (dp − Σ dp ⊙ p) per row.
+pub fn causal_softmax_backward(probs: &Tensor, dprobs: &Tensor, scale: f32) -> Result<Tensor> {
+    let dprobs = dprobs.to_dtype(probs.dtype())?.contiguous()?;
+    probs
+        .contiguous()?
+        .apply_op2(&dprobs, CausalSoftmaxBackward { scale })
+}
+
 /// The same from tensor ops, which candle's autograd differentiates: the reference the op is
 /// tested against, and what `WICK_SOFTMAX=composed` runs instead.
 pub fn causal_softmax_composed(
@@ -177,11 +186,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.to_dtype(res.dtype())?.contiguous()?;
-        Ok(Some(res.apply_op2(
-            &grad,
-            CausalSoftmaxBackward { scale: self.scale },
-        )?))
+        Ok(Some(causal_softmax_backward(res, grad_res, self.scale)?))
     }
 }
 

@@ -11,6 +11,7 @@ mod config;
 pub mod cpu;
 pub mod generate;
 pub mod hf;
+pub mod tensor_step;
 
 pub use config::{default_hidden_dim, ModelConfig, PRESET_NAMES};
 
@@ -195,11 +196,18 @@ impl Llama {
             && self.master_dtype() == DType::F32
     }
 
+    /// Whether training steps take the explicit-backward tensor step (`tensor_step.rs`):
+    /// opted into with `WICK_GPU_STEP=tensor` where the hand-written CPU step does not apply.
+    pub fn uses_tensor_step(&self) -> bool {
+        !self.has_cpu_step() && tensor_step::enabled()
+    }
+
     /// Which code runs a training step, as benchmarks report it: "cpu-f32", "cpu-bf16-amx",
-    /// "cpu-bf16-f32" (bf16 asked for on a CPU without AMX) or "candle" (composed autograd:
-    /// GPUs, and the reference).
+    /// "cpu-bf16-f32" (bf16 asked for on a CPU without AMX), "tensor" (`uses_tensor_step`) or
+    /// "candle" (composed autograd: GPUs, and the reference).
     pub fn step_path(&self) -> &'static str {
         match (self.has_cpu_step(), self.cpu_precision()) {
+            (false, _) if self.uses_tensor_step() => "tensor",
             (false, _) => "candle",
             (true, cpu::matmul::Precision::F32) => "cpu-f32",
             (true, cpu::matmul::Precision::Bf16) if cpu::amx::available() => "cpu-bf16-amx",

@@ -178,6 +178,15 @@ impl Session {
                 .model
                 .cpu_loss_and_grads(&windows.tokens, windows.batch, windows.width)?;
             (r.loss, r.grads, r.forward_done)
+        } else if self.model.uses_tensor_step() {
+            // Forward and backward written out over tensors, no autograd graph.
+            let r = crate::model::tensor_step::loss_and_grads(
+                &self.model,
+                &windows.tokens,
+                windows.batch,
+                windows.width,
+            )?;
+            (r.loss, r.grads, r.forward_done)
         } else {
             let input = windows.to_tensor(&self.model)?;
             let loss = self.model.loss(&input)?;
