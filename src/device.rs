@@ -49,7 +49,9 @@ pub fn open(device: &str, dtype: &str) -> Result<Compute, String> {
         "cpu" => (Device::Cpu, "cpu".to_string()),
         n if n == "cuda" || n.starts_with("cuda:") => {
             let ordinal = match n.strip_prefix("cuda:") {
-                None => 0,
+                // One rank per GPU: each rank of a data-parallel launch takes the GPU of its
+                // local rank (0 alone).
+                None => crate::dist::local_rank(),
                 Some(k) => k.parse::<usize>().map_err(|_| {
                     format!("--device {n}: the GPU index must be a number, as in cuda:0")
                 })?,

@@ -89,6 +89,23 @@ pub fn local_size() -> usize {
     .unwrap_or(1)
 }
 
+/// This process's rank among the ranks a launcher started on this machine (0 alone): Open MPI,
+/// MPICH/Hydra and SLURM say it in the environment.
+pub fn local_rank() -> usize {
+    local_rank_from(|v| std::env::var(v).ok())
+}
+
+fn local_rank_from(env: impl Fn(&str) -> Option<String>) -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| env(v)?.trim().parse::<usize>().ok())
+    .unwrap_or(0)
+}
+
 /// Join the launcher's group, if one started this process. Without MPI support a launch of
 /// several copies is refused: they would be independent runs overwriting one checkpoint.
 pub fn init() -> Result<Group, String> {
@@ -292,6 +309,28 @@ pub fn my_rows(batch: usize) -> Result<std::ops::Range<usize>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_rank_comes_from_the_launcher() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(local_rank_from(env(&[])), 0);
+        assert_eq!(
+            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
+            3
+        );
+        assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", "2")])), 2);
+        assert_eq!(
+            local_rank_from(env(&[("MPI_LOCALRANKID", "x"), ("SLURM_LOCALID", "1")])),
+            1
+        );
+    }
 
     #[test]
     fn a_group_of_one_is_the_identity() {
