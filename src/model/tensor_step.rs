@@ -160,7 +160,6 @@ struct Acts {
     q: Tensor,     // (B, H, T, D) rotated queries
     k: Tensor,     // (B, H, T, D) rotated keys, repeated for the query heads
     v: Tensor,     // (B, H, T, D) values, repeated
-    probs: Tensor, // (B, H, T, T) attention probabilities, f32
     y: Tensor,     // (N, C) attention output before wo
     x_mid: Tensor, // (N, C) residual stream after the attention
     rstd2: Tensor, // (N, 1)
@@ -168,6 +167,13 @@ struct Acts {
     gate: Tensor,  // (N, F)
     up: Tensor,    // (N, F)
     act: Tensor,   // (N, F) silu(gate)·up
+}
+
+/// Causal attention probabilities (B, H, T, T), f32, of rotated queries and keys. The
+/// backward computes them again instead of keeping them: one product and one softmax per layer
+/// against B·H·T² floats held per layer (4.8 GB for a 124M model at batch 8 × 1024).
+fn attention_probs(p: &Pass, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    causal_softmax(&mm(p, q, &k.t()?)?, p.scale, 0, DType::F32)
 }
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
@@ -185,8 +191,7 @@ fn forward(p: &Pass, w: &Weights, x: Tensor) -> Result<(Tensor, Acts)> {
     )?;
     let v = heads_first(p, &linear(p, &h1, &w.wv)?, p.kv_heads)?;
     let (k, v) = (repeat_kv(p, &k)?, repeat_kv(p, &v)?);
-    let probs = causal_softmax(&mm(p, &q, &k.t()?)?, p.scale, 0, DType::F32)?;
-    let y = tokens_first(p, &mm(p, &probs, &v)?)?;
+    let y = tokens_first(p, &mm(p, &attention_probs(p, &q, &k)?, &v)?)?;
     let x_mid = (&x + linear(p, &y, &w.wo)?)?;
     let (h2, rstd2) = rmsnorm(&x_mid, &w.ffn_norm, p.eps)?;
     let gate = linear(p, &h2, &w.w1)?;
@@ -200,7 +205,6 @@ fn forward(p: &Pass, w: &Weights, x: Tensor) -> Result<(Tensor, Acts)> {
         q,
         k,
         v,
-        probs,
         y,
         x_mid,
         rstd2,
@@ -236,11 +240,12 @@ fn backward(
     // Attention: x_mid = x_in + wo·attn(rope(wq·h1), rope(wk·h1), wv·h1).
     let dwo = mm(p, &dx.t()?, &a.y)?;
     let dy = heads_first(p, &mm(p, &dx, &w.wo)?, p.heads)?;
+    let probs = attention_probs(p, &a.q, &a.k)?; // recomputed: see attention_probs
     let dprobs = mm(p, &dy, &a.v.t()?)?;
-    let dscores = causal_softmax_backward(&a.probs, &dprobs, p.scale)?;
+    let dscores = causal_softmax_backward(&probs, &dprobs, p.scale)?;
     let dq = mm(p, &dscores, &a.k)?;
     let dk = sum_kv(p, &mm(p, &dscores.t()?, &a.q)?)?;
-    let dv = sum_kv(p, &mm(p, &a.probs.t()?, &dy)?)?;
+    let dv = sum_kv(p, &mm(p, &probs.t()?, &dy)?)?;
     let dq = tokens_first(p, &rope(p, &dq, true)?)?;
     let dk = tokens_first(p, &rope(p, &dk, true)?)?;
     let dv = tokens_first(p, &dv)?;
@@ -328,15 +333,17 @@ pub fn loss_and_grads(
         .mean_all()?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
+    drop(logits); // the backward needs only e and sum
     let forward_done = std::time::Instant::now();
 
     // ---- backward ----
-    let onehot = logits.zeros_like()?.scatter_add(
-        &targets.unsqueeze(1)?,
-        &Tensor::ones((n, 1), DType::F32, dev)?,
-        1,
-    )?;
-    let dlogits = ((e.broadcast_div(&sum)? - onehot)? / n as f64)?;
+    // (softmax − onehot)/N: the probabilities with 1 taken off at each target.
+    let minus_one = Tensor::full(-1f32, (n, 1), dev)?;
+    let dlogits = (e
+        .broadcast_div(&sum)?
+        .scatter_add(&targets.unsqueeze(1)?, &minus_one, 1)?
+        / n as f64)?;
+    drop(e);
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let d_head = mm(&p, &dlogits.t()?, &hf)?; // (V, C)
     let dhf = mm(&p, &dlogits, &head)?; // (N, C)
