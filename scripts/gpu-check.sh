@@ -2,16 +2,17 @@
 # The GPU check of wick's CUDA build, on a machine with an NVIDIA GPU (a few minutes):
 #   0. clear errors for a bad GPU index and for missing CUDA libraries
 #   1. the tiny preset, 20 steps, on cuda (f32) and on the CPU from the same seed:
-#      losses agree to 1e-3 relative; wick's CUDA kernels (AdamW, causal softmax) and the
-#      explicit-backward tensor step agree with the default path to 1e-4; the CPU run's
+#      losses agree to 1e-3 relative; wick's CUDA kernels (AdamW, causal softmax; off unless
+#      WICK_GPU_KERNELS=1) and the explicit-backward tensor step (WICK_GPU_STEP=tensor) agree
+#      with the default path to 1e-4; the CPU run's
 #      checkpoint then resumes on cuda
 #   2. a bf16 run whose loss falls
 #   3. SIGINT during a cuda run -> exit 130 and a checkpoint that loads (and resumes) on the CPU
 #   4. `wick repl` and `wick test tests/regress` (golden loss curve) on the GPU
 #   5. tokens/s of the small config and of a 124M llama in bf16, beside PyTorch
 #      (shared/bench/torch_llama.py, when TORCH_BENCH points at it) on the same GPU, as ratios;
-#      per-phase ms, MFU and peak GPU memory; the same with the tensor step and with candle's
-#      tensor ops in place of wick's kernels
+#      per-phase ms, MFU and peak GPU memory; the same with wick's kernels, and with the tensor
+#      step
 #
 # usage: scripts/gpu-check.sh [WICK]   WICK defaults to target/cuda/target/release/wick;
 #        a WICK.xz next to it is unpacked first. Results go to $RESULTS (default gpu-check-out/):
@@ -85,14 +86,12 @@ print(f"steps {len(a)}/{len(b)}  first {a[0]:.6f}/{b[0]:.6f}  last {a[-1]:.6f}/{
 sys.exit(0 if len(a) == len(b) == 20 and rel < 1e-3 else 1)
 PY
 check "cpu vs cuda f32 losses" $? "$(cat "$RESULTS/parity.txt" | tail -1)"
-# wick's own CUDA kernels against candle's tensor ops, each alone: AdamW (src/train/adamw.cu,
-# off with WICK_GPU_ADAMW=ops) and the causal softmax (src/model/causal_softmax.cu, off with
-# WICK_SOFTMAX=composed).
-# And the explicit-backward tensor step (WICK_GPU_STEP=tensor, opt-in) against the default.
-for k in "adamw WICK_GPU_ADAMW=ops" "softmax WICK_SOFTMAX=composed" "tensor-step WICK_GPU_STEP=tensor"; do
+# wick's own CUDA kernels (AdamW, causal softmax; on with WICK_GPU_KERNELS=1) and the
+# explicit-backward tensor step (WICK_GPU_STEP=tensor), against the default path.
+for k in "kernels WICK_GPU_KERNELS=1" "tensor-step WICK_GPU_STEP=tensor"; do
   set -- $k
-  timeout 300 env "$2" "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda-$1-ops" -- 20 >"$RESULTS/cuda-$1-ops.log" 2>&1; rc=$?
-  python3 - "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-$1-ops/metrics.jsonl" >"$RESULTS/$1.txt" 2>&1 <<'PY'
+  timeout 300 env "$2" "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda-$1" -- 20 >"$RESULTS/cuda-$1.log" 2>&1; rc=$?
+  python3 - "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-$1/metrics.jsonl" >"$RESULTS/$1.txt" 2>&1 <<'PY'
 import json, sys
 a = [json.loads(l)["step_loss"] for l in open(sys.argv[1]) if "step_loss" in l]
 b = [json.loads(l)["step_loss"] for l in open(sys.argv[2]) if "step_loss" in l]
@@ -162,16 +161,16 @@ for cfg in "small 288 6 6 32000 256" "124m 768 12 12 32000 1024"; do
   say "  wick $1: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"], "ms; MFU", r["mfu"], "; peak GPU memory", r["peak_gpu_mem_mb"], "MiB")' "$RESULTS/bench-$1.json" 2>/dev/null)"
   [ -f "$RESULTS/torch-$1.json" ] && say "  torch $1: $(python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print("MFU", r.get("mfu"), "; peak GPU memory", r.get("peak_gpu_mem_mb"), "MiB")' "$RESULTS/torch-$1.json" 2>/dev/null)"
 done
-# The explicit-backward tensor step (WICK_GPU_STEP=tensor) on both configs.
+# The explicit-backward tensor step with wick's kernels on both configs.
 for cfg in small 124m; do
-  timeout 240 env WICK_GPU_STEP=tensor "$WICK" bench train --device cuda --dtype bf16 --configs $cfg \
+  timeout 240 env WICK_GPU_STEP=tensor WICK_GPU_KERNELS=1 "$WICK" bench train --device cuda --dtype bf16 --configs $cfg \
     --steps 20 --warmup 3 >"$RESULTS/bench-$cfg-tensor.json" 2>"$RESULTS/bench-$cfg-tensor.err"
   say "  $cfg, tensor step: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["step_path"], r["tokens_per_s"], "tokens/s; forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"], "ms; MFU", r["mfu"], "; peak GPU memory", r["peak_gpu_mem_mb"], "MiB")' "$RESULTS/bench-$cfg-tensor.json" 2>/dev/null || tail -2 "$RESULTS/bench-$cfg-tensor.err")"
 done
-# What wick's own kernels buy on the 124m step: the same bench with candle's tensor ops instead.
-timeout 240 env WICK_GPU_ADAMW=ops WICK_SOFTMAX=composed "$WICK" bench train --device cuda --dtype bf16 \
-  --configs 124m --steps 20 --warmup 3 >"$RESULTS/bench-124m-ops.json" 2>"$RESULTS/bench-124m-ops.err"
-say "  124m with tensor ops instead of wick's kernels: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["tokens_per_s"], "tokens/s; forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"])' "$RESULTS/bench-124m-ops.json" 2>/dev/null)"
+# What wick's own kernels buy on the default (composed) 124m step.
+timeout 240 env WICK_GPU_KERNELS=1 "$WICK" bench train --device cuda --dtype bf16 \
+  --configs 124m --steps 20 --warmup 3 >"$RESULTS/bench-124m-kernels.json" 2>"$RESULTS/bench-124m-kernels.err"
+say "  124m with wick's kernels (WICK_GPU_KERNELS=1): $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["tokens_per_s"], "tokens/s; forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"])' "$RESULTS/bench-124m-kernels.json" 2>/dev/null || tail -2 "$RESULTS/bench-124m-kernels.err")"
 
 say "done: $([ $FAILED = 0 ] && echo all checks passed || echo some checks FAILED)"
 exit $FAILED

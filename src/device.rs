@@ -150,6 +150,14 @@ fn keep_freed_gpu_memory(ordinal: usize) {
     }
 }
 
+/// Whether wick's own CUDA kernels run (AdamW, the causal softmax): `WICK_GPU_KERNELS=1`.
+/// Off by default until a GPU run has checked them against the tensor ops they replace
+/// (`scripts/gpu-check.sh` runs both ways); CPU code paths do not ask.
+pub fn gpu_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("WICK_GPU_KERNELS").is_ok_and(|v| v == "1"))
+}
+
 /// The most GPU memory the run's tensors have held at once, in MiB: the high-water mark of
 /// the device's default pool, which every candle allocation comes from (cuMemAllocAsync).
 /// None on the CPU or when the driver does not say.

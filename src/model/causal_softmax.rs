@@ -5,7 +5,7 @@
 //! cast, mask add, max, subtract, exp, sum, divide, ...) and more backward, each allocating a
 //! tensor that size; here it is one pass forward and one backward, on the CPU (the reference,
 //! tested against the composed ops) and on CUDA (`causal_softmax.cu`, compiled to PTX by the
-//! CUDA build).
+//! CUDA build; used with `WICK_GPU_KERNELS=1` until a GPU run has checked it).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 /// (f32; f64 on the CPU for gradient checks): query row i (at position `past + i`) sees keys
 /// 0..=past + i.
 pub fn causal_softmax(scores: &Tensor, scale: f32, past: usize, dtype: DType) -> Result<Tensor> {
-    if composed_only() {
+    if scores.device().is_cuda() && !crate::device::gpu_kernels() {
         return causal_softmax_composed(scores, scale, past, dtype);
     }
     scores
@@ -26,13 +26,17 @@ pub fn causal_softmax(scores: &Tensor, scale: f32, past: usize, dtype: DType) ->
 /// d(scores) = scale · p ⊙ (dp − Σ dp ⊙ p) per row.
 pub fn causal_softmax_backward(probs: &Tensor, dprobs: &Tensor, scale: f32) -> Result<Tensor> {
     let dprobs = dprobs.to_dtype(probs.dtype())?.contiguous()?;
+    if probs.device().is_cuda() && !crate::device::gpu_kernels() {
+        let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+        return (probs * dprobs.broadcast_sub(&dot)?)? * scale as f64;
+    }
     probs
         .contiguous()?
         .apply_op2(&dprobs, CausalSoftmaxBackward { scale })
 }
 
 /// The same from tensor ops, which candle's autograd differentiates: the reference the op is
-/// tested against, and what `WICK_SOFTMAX=composed` runs instead.
+/// tested against, and what GPUs run unless `WICK_GPU_KERNELS=1`.
 pub fn causal_softmax_composed(
     scores: &Tensor,
     scale: f32,
@@ -46,11 +50,6 @@ pub fn causal_softmax_composed(
     let mask = Tensor::from_vec(mask, (t, n), scores.device())?.to_dtype(dtype)?;
     let scaled = (scores.to_dtype(dtype)? * scale as f64)?;
     super::softmax_last(&scaled.broadcast_add(&mask)?)
-}
-
-fn composed_only() -> bool {
-    static COMPOSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *COMPOSED.get_or_init(|| std::env::var("WICK_SOFTMAX").is_ok_and(|v| v == "composed"))
 }
 
 struct CausalSoftmax {

@@ -119,7 +119,8 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         let fast = named.iter().all(|(_, var, g)| {
-            let here = var.device().is_cpu() || (var.device().is_cuda() && gpu_kernels_on());
+            let here =
+                var.device().is_cpu() || (var.device().is_cuda() && crate::device::gpu_kernels());
             here && var.dtype() == DType::F32
                 && g.dtype() == DType::F32
                 && var.is_contiguous()
@@ -359,12 +360,6 @@ impl InplaceOp3 for ParamUpdate<'_> {
             .arg(&n);
         gpu::launch(b, n)
     }
-}
-
-/// Whether GPU parameters take the AdamW kernels (`WICK_GPU_ADAMW=ops`: candle tensor ops, the
-/// reference they are checked against).
-fn gpu_kernels_on() -> bool {
-    std::env::var("WICK_GPU_ADAMW").map_or(true, |v| v != "ops")
 }
 
 /// Launching the AdamW kernels of `adamw.cu` (PTX built by build.rs) on candle's stream.
