@@ -77,28 +77,25 @@ t1=$(date +%s.%N)
 timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda" -- 20 >"$RESULTS/cuda.log" 2>&1; rc_cuda=$?
 t2=$(date +%s.%N)
 say "cpu run exit $rc_cpu ($(python3 -c "print(round($t1-$t0,1))") s), cuda run exit $rc_cuda ($(python3 -c "print(round($t2-$t1,1))") s)"
-python3 - "$RESULTS/cpu/metrics.jsonl" "$RESULTS/cuda/metrics.jsonl" >"$RESULTS/parity.txt" 2>&1 <<'PY'
+# same_losses A B TOL: 20 logged step losses in each metrics file, within TOL relative.
+same_losses() {
+  python3 - "$1" "$2" "$3" <<'PY'
 import json, sys
 a = [json.loads(l)["step_loss"] for l in open(sys.argv[1]) if "step_loss" in l]
 b = [json.loads(l)["step_loss"] for l in open(sys.argv[2]) if "step_loss" in l]
-rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-print(f"steps {len(a)}/{len(b)}  first {a[0]:.6f}/{b[0]:.6f}  last {a[-1]:.6f}/{b[-1]:.6f}  max rel diff {rel:.2e}")
-sys.exit(0 if len(a) == len(b) == 20 and rel < 1e-3 else 1)
+rel = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("inf"))
+print(f"steps {len(a)}/{len(b)}  first {a[0]:.6f}/{b[0]:.6f}  last {a[-1]:.6f}/{b[-1]:.6f}  max rel diff {rel:.2e}" if a and b else f"steps {len(a)}/{len(b)}")
+sys.exit(0 if len(a) == len(b) == 20 and rel < float(sys.argv[3]) else 1)
 PY
+}
+same_losses "$RESULTS/cpu/metrics.jsonl" "$RESULTS/cuda/metrics.jsonl" 1e-3 >"$RESULTS/parity.txt" 2>&1
 check "cpu vs cuda f32 losses" $? "$(cat "$RESULTS/parity.txt" | tail -1)"
 # wick's own CUDA kernels (AdamW, causal softmax; on with WICK_GPU_KERNELS=1) and the
 # explicit-backward tensor step (WICK_GPU_STEP=tensor), against the default path.
 for k in "kernels WICK_GPU_KERNELS=1" "tensor-step WICK_GPU_STEP=tensor"; do
   set -- $k
   timeout 300 env "$2" "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda-$1" -- 20 >"$RESULTS/cuda-$1.log" 2>&1; rc=$?
-  python3 - "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-$1/metrics.jsonl" >"$RESULTS/$1.txt" 2>&1 <<'PY'
-import json, sys
-a = [json.loads(l)["step_loss"] for l in open(sys.argv[1]) if "step_loss" in l]
-b = [json.loads(l)["step_loss"] for l in open(sys.argv[2]) if "step_loss" in l]
-rel = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-print(f"steps {len(a)}/{len(b)}  last {a[-1]:.6f}/{b[-1]:.6f}  max rel diff {rel:.2e}")
-sys.exit(0 if len(a) == len(b) == 20 and rel < 1e-4 else 1)
-PY
+  same_losses "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-$1/metrics.jsonl" 1e-4 >"$RESULTS/$1.txt" 2>&1
   r=$?; check "cuda: $2 agrees with the default path" $(( rc == 0 ? r : 1 )) "exit $rc; $(tail -1 "$RESULTS/$1.txt")"
 done
 # ... and the CPU run's checkpoint continues on the GPU (the reverse of step 3).

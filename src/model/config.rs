@@ -128,3 +128,33 @@ impl ModelConfig {
         emb + head + self.n_layers * per_layer + self.dim
     }
 }
+
+/// Three odd model shapes that gradient tests check step against step: head sizes 20, 48 and
+/// 16, grouped-query attention 3:1, a tied head, rows and windows off every block and tile
+/// size. Each with the (batch, width) of windows to train on.
+#[cfg(test)]
+pub fn odd_test_shapes() -> Vec<(ModelConfig, usize, usize)> {
+    // (dim, heads, kv_heads, hidden, vocab, batch, width, tied)
+    [
+        (40, 2, 2, 72, 37, 3, 13, false),
+        (144, 3, 1, 200, 301, 2, 70, true),
+        (96, 6, 2, 150, 64, 5, 33, false),
+    ]
+    .into_iter()
+    .map(|(dim, heads, kv, hidden, vocab, batch, width, tied)| {
+        let c = ModelConfig {
+            dim,
+            n_layers: 2,
+            n_heads: heads,
+            n_kv_heads: kv,
+            hidden_dim: hidden,
+            vocab,
+            seq_len: 80,
+            tie_embeddings: tied,
+            norm_eps: 1e-5,
+            rope_theta: 10000.0,
+        };
+        (c, batch, width)
+    })
+    .collect()
+}

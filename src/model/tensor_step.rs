@@ -384,7 +384,6 @@ pub fn loss_and_grads(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::ModelConfig;
     use candle_core::Device;
 
     fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
@@ -404,25 +403,8 @@ mod tests {
     /// multiple of any block): ≤ 1e-4 relative.
     #[test]
     fn matches_the_cpu_step_on_odd_shapes() {
-        let shapes = [
-            // (dim, heads, kv_heads, hidden, vocab, batch, width, tied)
-            (40, 2, 2, 72, 37, 3, 13, false),
-            (144, 3, 1, 200, 301, 2, 70, true),
-            (96, 6, 2, 150, 64, 5, 33, false),
-        ];
-        for (dim, heads, kv, hidden, vocab, batch, width, tied) in shapes {
-            let c = ModelConfig {
-                dim,
-                n_layers: 2,
-                n_heads: heads,
-                n_kv_heads: kv,
-                hidden_dim: hidden,
-                vocab,
-                seq_len: 80,
-                tie_embeddings: tied,
-                norm_eps: 1e-5,
-                rope_theta: 10000.0,
-            };
+        for (c, batch, width) in crate::model::config::odd_test_shapes() {
+            let (dim, heads, kv, vocab) = (c.dim, c.n_heads, c.n_kv_heads, c.vocab);
             let model = Llama::new(c, 5, &Device::Cpu).unwrap();
             let mut rng = crate::util::rng::Rng::new(dim as u64);
             let tokens: Vec<u32> = (0..batch * width)
