@@ -2,7 +2,8 @@
 # Build wick with `--features cuda` on a Linux x86-64 machine that has no CUDA toolkit
 # (and no GPU), using only pinned PyPI wheels for nvcc and the headers.
 #
-#   scripts/build-cuda.sh            -> target/cuda/target/release/wick (+ wick.xz)
+#   scripts/build-cuda.sh            -> target/cuda/target/release/wick (+ wick.xz), and the
+#                                       unit tests as wick-tests (+ .xz) for the GPU machine
 #
 # The binary loads the CUDA libraries only when a GPU is asked for (`--device cuda`):
 # candle-core is copied from the cargo registry into target/cuda/candle-core and its
@@ -69,5 +70,21 @@ if readelf -d "$BIN" | grep NEEDED | grep -Eq 'cuda|cublas|curand'; then
   exit 1
 fi
 xz -T0 -6 -k -f "$BIN"
+# The library's unit tests in the same build, for the GPU machine (no Rust toolchain there):
+# the `gpu_` tests check wick's CUDA kernels against their CPU versions.
+TESTS_BIN=$(CARGO_TARGET_DIR="$DIR/target" cargo test --release --features cuda --lib --no-run \
+  --config "patch.crates-io.candle-core.path=\"$DIR/candle-core\"" --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m.get("profile", {}) and m["profile"]["test"]:
+        print(m["executable"])' | tail -1)
+if [ -n "$TESTS_BIN" ]; then
+  cp "$TESTS_BIN" "$DIR/target/release/wick-tests"
+  xz -T0 -6 -k -f "$DIR/target/release/wick-tests"
+  ls -la "$DIR/target/release/wick-tests.xz"
+else
+  echo "warning: the unit-test binary was not built; gpu-check.sh will skip the kernel tests" >&2
+fi
 ls -la "$BIN" "$BIN.xz"
 echo "built $BIN (CUDA kernels for compute capability $CUDA_COMPUTE_CAP)"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of wick's CUDA build, on a machine with an NVIDIA GPU (a few minutes):
+#   -. wick's CUDA kernels against their CPU versions (the unit tests named gpu_, from the
+#      wick-tests binary scripts/build-cuda.sh leaves next to wick)
 #   0. clear errors for a bad GPU index and for missing CUDA libraries
 #   1. the tiny preset, 20 steps, on cuda (f32) and on the CPU from the same seed:
 #      losses agree to 1e-3 relative; wick's CUDA kernels (AdamW, causal softmax; off unless
@@ -67,6 +69,17 @@ if ldconfig -p | grep -q 'libcublas.so.13'; then
   say "SKIP missing cuBLAS: the system's default library path has cuBLAS 13 (exit $rc)"
 else
   grep -q "cannot load CUDA" "$RESULTS/e1.log"; check "missing cuBLAS" $(( rc == 2 ? $? : 1 )) "exit $rc: $(grep -m1 error "$RESULTS/e1.log")"
+fi
+
+# --- kernels: wick's CUDA kernels against their CPU versions (the unit tests named gpu_) ---------
+TESTS=$(dirname "$WICK")/wick-tests
+if [ ! -x "$TESTS" ] && [ -f "$TESTS.xz" ]; then xz -dkf "$TESTS.xz" && chmod +x "$TESTS"; fi
+if [ -x "$TESTS" ]; then
+  timeout 300 "$TESTS" gpu_ --test-threads 1 --nocapture >"$RESULTS/kernel-tests.log" 2>&1; rc=$?
+  ! grep -q "gpu test skipped" "$RESULTS/kernel-tests.log"; skipped=$?
+  check "kernel tests (gpu_*) against the CPU" $(( rc == 0 && skipped == 0 ? 0 : 1 )) "$(grep -E 'test result|skipped|panicked' "$RESULTS/kernel-tests.log" | head -3 | tr '\n' ' ')"
+else
+  say "SKIP kernel tests: no wick-tests binary next to $WICK"
 fi
 
 # --- 1. CPU vs CUDA, f32, same seed --------------------------------------------------------

@@ -332,6 +332,45 @@ mod tests {
             .unwrap()
     }
 
+    /// The CUDA kernels against the CPU op on odd sizes (rows longer than a block of threads,
+    /// a KV offset), forward and backward. Runs in the CUDA build's test binary on a machine
+    /// with a GPU (`scripts/gpu-check.sh`); elsewhere it says it was skipped.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpu_kernels_match_the_cpu_op() {
+        let gpu = match crate::device::open("cuda:0", "f32") {
+            Ok(c) => c.device,
+            Err(e) => {
+                eprintln!("gpu test skipped: {e}");
+                return;
+            }
+        };
+        for &(b, h, t, past) in &[
+            (2, 3, 5, 0),
+            (1, 2, 37, 0),
+            (2, 1, 7, 4),
+            (1, 1, 1, 0),
+            (1, 2, 300, 700),
+        ] {
+            let n = past + t;
+            let scores = Tensor::randn(0f32, 3.0, (b, h, t, n), &Device::Cpu).unwrap();
+            let dprobs = Tensor::randn(0f32, 1.0, (b, h, t, n), &Device::Cpu).unwrap();
+            let op = || CausalSoftmax { scale: 0.37, past };
+            let cpu = scores.apply_op1(op()).unwrap();
+            let cuda = scores.to_device(&gpu).unwrap().apply_op1(op()).unwrap();
+            let fwd = max_diff(&cpu, &cuda.to_device(&Device::Cpu).unwrap());
+            assert!(fwd < 1e-6, "forward {b}x{h}x{t}+{past}: {fwd}");
+            let back = |p: &Tensor, d: &Tensor| {
+                p.apply_op2(d, CausalSoftmaxBackward { scale: 0.37 })
+                    .unwrap()
+            };
+            let cpu_d = back(&cpu, &dprobs);
+            let cuda_d = back(&cuda, &dprobs.to_device(&gpu).unwrap());
+            let bwd = max_diff(&cpu_d, &cuda_d.to_device(&Device::Cpu).unwrap());
+            assert!(bwd < 1e-5, "backward {b}x{h}x{t}+{past}: {bwd}");
+        }
+    }
+
     /// Forward and backward equal the composed ops (mask add + softmax from tensor ops, through
     /// candle's autograd) on odd sizes, with and without earlier positions (a cache).
     #[test]

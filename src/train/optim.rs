@@ -461,4 +461,60 @@ mod tests {
             }
         }
     }
+
+    /// The CUDA kernels give the CPU pass's bits (the same f32 operations, correctly rounded)
+    /// on an odd length. Runs in the CUDA build's test binary on a machine with a GPU
+    /// (`scripts/gpu-check.sh`); elsewhere it says it was skipped.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn gpu_adamw_kernels_match_the_cpu_pass_bit_for_bit() {
+        let gpu = match crate::device::open("cuda:0", "f32") {
+            Ok(c) => c.device,
+            Err(e) => {
+                eprintln!("gpu test skipped: {e}");
+                return;
+            }
+        };
+        let n = 1_000_003;
+        let mut rng = crate::util::rng::Rng::new(7);
+        let mut random = |scale: f64| -> Tensor {
+            let v: Vec<f32> = (0..n)
+                .map(|_| ((rng.next_f64() - 0.5) * scale) as f32)
+                .collect();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        let (p, g, m) = (random(2.0), random(0.2), random(0.02));
+        let v = random(0.002).abs().unwrap();
+        let h = Hyper {
+            lr: 3e-3,
+            decay: 1.0 - 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            bc1: 0.271,
+            bc2: 0.1426,
+            eps: 1e-8,
+            scale: 0.75,
+        };
+        let on = |d: &Device| {
+            let t: Vec<Tensor> = [&p, &g, &m, &v]
+                .iter()
+                .map(|t| t.to_device(d).unwrap())
+                .collect();
+            update_in_place(&t[0], &t[1], &t[2], &t[3], &h).unwrap();
+            [&t[0], &t[2], &t[3]]
+                .map(|t| t.to_device(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap())
+        };
+        let (cpu, cuda) = (on(&Device::Cpu), on(&gpu));
+        for (name, (a, b)) in ["param", "m", "v"].iter().zip(cpu.iter().zip(&cuda)) {
+            let differ = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "{name}: {differ} of {n} elements differ between CPU and GPU"
+            );
+        }
+    }
 }
