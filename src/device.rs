@@ -150,6 +150,19 @@ fn keep_freed_gpu_memory(ordinal: usize) {
     }
 }
 
+/// The first GPU, for the tests that compare CUDA kernels with their CPU versions; None, with
+/// "gpu test skipped" on stderr (gpu-check.sh fails on it), where there is none.
+#[cfg(all(test, feature = "cuda"))]
+pub fn test_gpu() -> Option<Device> {
+    match open("cuda:0", "f32") {
+        Ok(c) => Some(c.device),
+        Err(e) => {
+            eprintln!("gpu test skipped: {e}");
+            None
+        }
+    }
+}
+
 /// Whether wick's own CUDA kernels run (AdamW, the causal softmax): `WICK_GPU_KERNELS=1`.
 /// Off by default until a GPU run has checked them against the tensor ops they replace
 /// (`scripts/gpu-check.sh` runs both ways); CPU code paths do not ask.

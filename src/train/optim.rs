@@ -468,12 +468,8 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn gpu_adamw_kernels_match_the_cpu_pass_bit_for_bit() {
-        let gpu = match crate::device::open("cuda:0", "f32") {
-            Ok(c) => c.device,
-            Err(e) => {
-                eprintln!("gpu test skipped: {e}");
-                return;
-            }
+        let Some(gpu) = crate::device::test_gpu() else {
+            return;
         };
         let n = 1_000_003;
         let mut rng = crate::util::rng::Rng::new(7);
