@@ -93,6 +93,11 @@ impl Windows {
         if crate::dist::group().size == 1 || self.share_of.is_some() {
             return Ok(self);
         }
+        self.rank_rows()
+    }
+
+    /// This rank's rows of a whole batch (copied), remembering the batch's size and digest.
+    fn rank_rows(&self) -> Result<Windows, String> {
         let rows = crate::dist::my_rows(self.batch)?;
         let mut share = self.rows(rows);
         share.share_of = Some((self.batch, crate::dist::digest_tokens(&self.tokens)));
@@ -165,8 +170,7 @@ impl Session {
         let share;
         let windows = if crate::dist::group().size > 1 && windows.share_of.is_none() {
             share = windows
-                .clone()
-                .my_share()
+                .rank_rows()
                 .map_err(|m| StepError::Failed(candle_core::Error::msg(m)))?;
             &share
         } else {
