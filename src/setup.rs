@@ -271,6 +271,18 @@ fn load_resume(
 ) -> Result<Option<Arc<Checkpoint>>> {
     let path = match &spec.resume {
         Resume::No => return Ok(None),
+        // `--resume` alone in a job script that both starts and continues a run (a preemptible
+        // SLURM job, a restart loop): the first time there is nothing yet, so start fresh. Only
+        // a missing file does that; one that exists but cannot be read is refused below.
+        Resume::Default if !ckpt_path.exists() && !crate::run::checkpointing::prev_path(ckpt_path).exists() => {
+            if !quiet {
+                progress::warn(&format!(
+                    "no checkpoint at {} yet: starting a new run (--resume continues it next time)",
+                    ckpt_path.display()
+                ));
+            }
+            return Ok(None);
+        }
         Resume::Default => ckpt_path.to_path_buf(),
         Resume::Path(p) => p.clone(),
     };

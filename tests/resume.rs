@@ -448,3 +448,35 @@ fn export_hf_writes_llama_names_and_config() {
     let o = d.run("l.lua", &[]);
     assert_eq!(stdout(&o).trim(), "3\t257", "{}", stderr(&o));
 }
+
+/// A job command that always says `--resume` (a preemptible job, a restart loop) starts fresh
+/// the first time: no checkpoint in `--ckpt-dir` yet is a note, not an error, and the run is
+/// the straight run. A checkpoint named explicitly must exist (exit 2), and one that exists
+/// but is damaged is refused rather than trained over.
+#[test]
+fn resume_with_no_checkpoint_yet_starts_fresh_but_a_named_one_must_exist() {
+    let reference = straight();
+    let d = setup();
+    let o = d.run("r.lua", &["--resume"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no checkpoint at") && stderr(&o).contains("starting a new run"),
+        "{}",
+        stderr(&o)
+    );
+    assert_same(&d, &reference, "fresh start under --resume");
+
+    let missing = d.join("elsewhere/full_model.ckpt");
+    let o = d.run("r.lua", &["--resume", missing.to_str().unwrap()]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot resume"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("elsewhere"), "{}", stderr(&o));
+
+    let mut bytes = std::fs::read(d.ckpt()).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(d.ckpt(), &bytes).unwrap();
+    let o = d.run("r.lua", &["--resume"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert_eq!(std::fs::read(d.ckpt()).unwrap(), bytes, "the damaged file was touched");
+}

@@ -171,6 +171,9 @@ fn on_signal() {
     }
     let name = signal_name(if sig == 0 { libc::SIGINT } else { sig });
     match n {
+        // In a data-parallel group rank 0 speaks for all: every rank gets mpirun's or srun's
+        // signal, and N copies of the notice say nothing more than one.
+        1 | 2 if !crate::dist::is_leader() => {}
         1 if REPL_MODE.load(Ordering::SeqCst) => {}
         1 => crate::host::progress::warn(&format!(
             "{name} received: stopping at the next step boundary, then saving the checkpoint (Ctrl+C twice more aborts without saving)"

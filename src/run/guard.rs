@@ -128,7 +128,10 @@ pub fn finalize(lua: &Lua, ctx: &SharedContext, ending: &Ending) -> i32 {
     match ending {
         Ending::Completed | Ending::ReplExit => {}
         Ending::Failed(msg) => progress::error(msg),
-        Ending::Stopped(sig) => crate::errln!("wick: stopped by {}", signals::signal_name(*sig)),
+        Ending::Stopped(sig) if crate::dist::is_leader() => {
+            crate::errln!("wick: stopped by {}", signals::signal_name(*sig))
+        }
+        Ending::Stopped(_) => {}
         Ending::Panicked(msg) => crate::errln!("wick: internal error: a host call panicked: {msg}\n(this is a bug in wick; please report it)"),
         Ending::Refused(msg) => progress::error(msg),
         Ending::Diverged(msg) => progress::error(msg),
