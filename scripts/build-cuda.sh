@@ -12,7 +12,9 @@
 # linker-script shim. At run time it needs the driver's libcuda.so.1 and CUDA 13 copies of
 # libcublas / libcublasLt / libcurand on LD_LIBRARY_PATH.
 #
-# Knobs: CUDA_COMPUTE_CAP (default 90 = H100/H200; kernels for that capability only),
+# Knobs: WICK_CUDA_FEATURES (default "cuda"; "cuda,mpi" for data-parallel GPU runs: needs the
+#        MPI development files here and the MPI library where it runs),
+#        CUDA_COMPUTE_CAP (default 90 = H100/H200; kernels for that capability only),
 #        WICK_CUDA_DIR (default target/cuda), CUDAFORGE_THREADS (parallel nvcc jobs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,7 +64,8 @@ fi
 # 4. Build into its own target dir; the patch rewrites Cargo.lock, so restore it after.
 cp Cargo.lock "$DIR/Cargo.lock.orig"
 trap 'cp "$DIR/Cargo.lock.orig" "$ROOT/Cargo.lock"' EXIT
-CARGO_TARGET_DIR="$DIR/target" cargo build --release --features cuda \
+FEATURES=${WICK_CUDA_FEATURES:-cuda}
+CARGO_TARGET_DIR="$DIR/target" cargo build --release --features "$FEATURES" \
   --config "patch.crates-io.candle-core.path=\"$DIR/candle-core\""
 BIN=$DIR/target/release/wick
 if readelf -d "$BIN" | grep NEEDED | grep -Eq 'cuda|cublas|curand'; then
@@ -72,7 +75,7 @@ fi
 xz -T0 -6 -k -f "$BIN"
 # The library's unit tests in the same build, for the GPU machine (no Rust toolchain there):
 # the `gpu_` tests check wick's CUDA kernels against their CPU versions.
-TESTS_BIN=$(CARGO_TARGET_DIR="$DIR/target" cargo test --release --features cuda --lib --no-run \
+TESTS_BIN=$(CARGO_TARGET_DIR="$DIR/target" cargo test --release --features "$FEATURES" --lib --no-run \
   --config "patch.crates-io.candle-core.path=\"$DIR/candle-core\"" --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:

@@ -4,7 +4,8 @@
 #      wick-tests binary scripts/build-cuda.sh leaves next to wick)
 #   0. clear errors for a bad GPU index and for missing CUDA libraries
 #   1. the tiny preset, 20 steps, on cuda (f32) and on the CPU from the same seed:
-#      losses agree to 1e-3 relative; wick's CUDA kernels (AdamW, causal softmax; off unless
+#      losses agree to 1e-3 relative; gradients through NCCL (world size 1, WICK_NCCL=1)
+#      change nothing, and a missing NCCL is a clear error; wick's CUDA kernels (AdamW, causal softmax; off unless
 #      WICK_GPU_KERNELS=1) and the explicit-backward tensor step (WICK_GPU_STEP=tensor) agree
 #      with the default path to 1e-4; the CPU run's
 #      checkpoint then resumes on cuda
@@ -57,6 +58,22 @@ for l in libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
 done
 export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 say "libraries: $LIBS"
+# NCCL (data-parallel gradients on GPUs) is loaded by the name libnccl.so; PyTorch's wheel and
+# Debian's libnccl2 ship only libnccl.so.2: link it under that name in a directory of our own.
+NCCL_LINK_DIR=$(realpath "$RESULTS")/nccl-lib
+NCCL2=""
+for sp in $(python3 -c 'import site,sys; print(" ".join(site.getsitepackages()+sys.path))' 2>/dev/null); do
+  [ -e "$sp/nvidia/nccl/lib/libnccl.so.2" ] && { NCCL2="$sp/nvidia/nccl/lib/libnccl.so.2"; break; }
+done
+[ -n "$NCCL2" ] || NCCL2=$(ldconfig -p | awk '/libnccl.so.2 /{print $NF; exit}')
+[ -n "$NCCL2" ] || NCCL2=$(find /usr /opt -name 'libnccl.so.2' -print -quit 2>/dev/null)
+if [ -n "$NCCL2" ]; then
+  mkdir -p "$NCCL_LINK_DIR" && ln -sf "$NCCL2" "$NCCL_LINK_DIR/libnccl.so"
+  export LD_LIBRARY_PATH=$NCCL_LINK_DIR:$LD_LIBRARY_PATH
+  say "nccl: $NCCL2"
+else
+  say "nccl: libnccl.so.2 not found (the NCCL checks will fail)"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
 export RUST_BACKTRACE=0
 
@@ -111,6 +128,19 @@ for k in "kernels WICK_GPU_KERNELS=1" "tensor-step WICK_GPU_STEP=tensor"; do
   same_losses "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-$1/metrics.jsonl" 1e-4 >"$RESULTS/$1.txt" 2>&1
   r=$?; check "cuda: $2 agrees with the default path" $(( rc == 0 ? r : 1 )) "exit $rc; $(tail -1 "$RESULTS/$1.txt")"
 done
+# NCCL, world size 1 (WICK_NCCL=1): the data-parallel GPU path (flat gradient buffer,
+# ncclAllReduce Avg on candle's stream) must leave a run unchanged; without the library, a clear
+# error before training (exit 2), not a crash.
+timeout 300 env WICK_NCCL=1 "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cuda-nccl" -- 20 >"$RESULTS/cuda-nccl.log" 2>&1; rc=$?
+same_losses "$RESULTS/cuda/metrics.jsonl" "$RESULTS/cuda-nccl/metrics.jsonl" 1e-6 >"$RESULTS/nccl.txt" 2>&1
+r=$?; check "cuda: gradients through NCCL (world size 1) leave the run unchanged" $(( rc == 0 ? r : 1 )) "exit $rc; $(tail -1 "$RESULTS/nccl.txt"); $(grep -m1 -i error "$RESULTS/cuda-nccl.log")"
+if ldconfig -p | grep -q 'libnccl.so '; then
+  say "SKIP missing NCCL: the system's default library path has libnccl.so"
+else
+  env WICK_NCCL=1 LD_LIBRARY_PATH=$LIBS "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/e2" -- 1 >"$RESULTS/e2.log" 2>&1; rc=$?
+  grep -q "NCCL" "$RESULTS/e2.log" && ! grep -q "panicked" "$RESULTS/e2.log"
+  check "missing NCCL" $(( rc == 2 ? $? : 1 )) "exit $rc: $(grep -m1 error "$RESULTS/e2.log")"
+fi
 # ... and the CPU run's checkpoint continues on the GPU (the reverse of step 3).
 timeout 300 "$WICK" run scripts/gpu-check.lua --device cuda --ckpt-dir "$RESULTS/cpu" --resume -- 23 >"$RESULTS/cpu-to-cuda.log" 2>&1; rc=$?
 moved=$("$WICK" inspect --json "$RESULTS/cpu/full_model.ckpt" 2>/dev/null | python3 -c 'import json,sys; m=json.load(sys.stdin); print(m["step"], m["device"])')
@@ -177,6 +207,10 @@ for cfg in small 124m; do
     --steps 20 --warmup 3 >"$RESULTS/bench-$cfg-tensor.json" 2>"$RESULTS/bench-$cfg-tensor.err"
   say "  $cfg, tensor step: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["step_path"], r["tokens_per_s"], "tokens/s; forward", r["forward_ms"], "backward", r["backward_ms"], "optimizer", r["optimizer_ms"], "ms; MFU", r["mfu"], "; peak GPU memory", r["peak_gpu_mem_mb"], "MiB")' "$RESULTS/bench-$cfg-tensor.json" 2>/dev/null || tail -2 "$RESULTS/bench-$cfg-tensor.err")"
 done
+# The data-parallel GPU path's own cost at world size 1: flattening + NCCL on 124m's gradients.
+timeout 240 env WICK_NCCL=1 "$WICK" bench train --device cuda --dtype bf16 \
+  --configs 124m --steps 20 --warmup 3 >"$RESULTS/bench-124m-nccl.json" 2>"$RESULTS/bench-124m-nccl.err"
+say "  124m with gradients through NCCL (world size 1): $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["tokens_per_s"], "tokens/s; allreduce", r.get("allreduce_ms"), "ms a step")' "$RESULTS/bench-124m-nccl.json" 2>/dev/null || tail -2 "$RESULTS/bench-124m-nccl.err")"
 # What wick's own kernels buy on the default (composed) 124m step.
 timeout 240 env WICK_GPU_KERNELS=1 "$WICK" bench train --device cuda --dtype bf16 \
   --configs 124m --steps 20 --warmup 3 >"$RESULTS/bench-124m-kernels.json" 2>"$RESULTS/bench-124m-kernels.err"

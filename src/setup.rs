@@ -185,6 +185,7 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
         progress::set_quiet(true);
     }
     let compute = crate::device::open(&spec.device, &spec.dtype).map_err(Error::usage)?;
+    crate::dist::check_gpu_reduce(&compute.device).map_err(Error::usage)?;
     signals::install()?;
     if spec.owns_dir && leader {
         crate::run::lock::acquire(&spec.ckpt_dir)?;
@@ -274,7 +275,9 @@ fn load_resume(
         // `--resume` alone in a job script that both starts and continues a run (a preemptible
         // SLURM job, a restart loop): the first time there is nothing yet, so start fresh. Only
         // a missing file does that; one that exists but cannot be read is refused below.
-        Resume::Default if !ckpt_path.exists() && !crate::run::checkpointing::prev_path(ckpt_path).exists() => {
+        Resume::Default
+            if !ckpt_path.exists() && !crate::run::checkpointing::prev_path(ckpt_path).exists() =>
+        {
             if !quiet {
                 progress::warn(&format!(
                     "no checkpoint at {} yet: starting a new run (--resume continues it next time)",

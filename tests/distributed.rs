@@ -541,7 +541,12 @@ fn srun_trains_like_mpirun_and_a_cancelled_job_continues_exactly() {
         .output()
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    assert_eq!(stderr(&o).matches("no checkpoint at").count(), 1, "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("no checkpoint at").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(stderr(&o).matches("saved ").count(), 1, "{}", stderr(&o));
     same_as_straight(&fresh);
 

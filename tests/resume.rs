@@ -478,5 +478,9 @@ fn resume_with_no_checkpoint_yet_starts_fresh_but_a_named_one_must_exist() {
     std::fs::write(d.ckpt(), &bytes).unwrap();
     let o = d.run("r.lua", &["--resume"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
-    assert_eq!(std::fs::read(d.ckpt()).unwrap(), bytes, "the damaged file was touched");
+    assert_eq!(
+        std::fs::read(d.ckpt()).unwrap(),
+        bytes,
+        "the damaged file was touched"
+    );
 }

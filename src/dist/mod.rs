@@ -20,6 +20,8 @@
 
 #[cfg(feature = "mpi")]
 mod mpi_group;
+#[cfg(feature = "cuda")]
+mod nccl;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -160,7 +162,7 @@ pub fn broken() -> bool {
     BROKEN.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "mpi", feature = "cuda")), allow(dead_code))]
 fn mark_broken() {
     BROKEN.store(true, std::sync::atomic::Ordering::SeqCst);
 }
@@ -266,6 +268,47 @@ pub fn average(grads: &mut [f32], loss: &mut f64) -> Result<(), Lost> {
     }
     let _ = (grads, loss);
     Ok(())
+}
+
+/// Whether gradients on `device` are averaged on the GPU through NCCL (several ranks on CUDA
+/// devices, or `WICK_NCCL=1`) rather than through host memory and MPI.
+pub fn reduces_on_gpu(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return nccl::wanted(device);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// At start: whether the GPU path for gradients can run here (NCCL loads), so that a missing
+/// library is a usage error before training rather than a failed step.
+pub fn check_gpu_reduce(device: &candle_core::Device) -> Result<(), String> {
+    if !reduces_on_gpu(device) {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    return nccl::check_library();
+    #[cfg(not(feature = "cuda"))]
+    Ok(())
+}
+
+/// Why averaging on the GPU failed: a peer did not answer, or NCCL itself failed.
+#[derive(Debug)]
+pub enum GpuReduceError {
+    Lost(Lost),
+    Failed(String),
+}
+
+/// Average `flat` (one GPU tensor holding every gradient) and `loss` over the ranks: the
+/// gradients through NCCL on the GPU, the loss through MPI.
+pub fn average_on_gpu(flat: &candle_core::Tensor, loss: &mut f64) -> Result<(), GpuReduceError> {
+    #[cfg(feature = "cuda")]
+    nccl::average(flat)?;
+    #[cfg(not(feature = "cuda"))]
+    let _ = flat;
+    average(&mut [], loss).map_err(GpuReduceError::Lost)
 }
 
 /// Rank 0's value of `code`, on every rank (the exit code after rank 0's final save).

@@ -77,8 +77,11 @@ fn stderr_only(line: &str) -> bool {
     if STDERR_GONE.load(Ordering::Relaxed) {
         return false;
     }
+    // One write per line: ranks of a data-parallel job share one stderr, and a line written in
+    // pieces (text, then the newline) interleaves with theirs.
+    let whole = format!("{line}\n");
     let mut e = std::io::stderr().lock();
-    if let Err(err) = writeln!(e, "{line}").and_then(|_| e.flush()) {
+    if let Err(err) = e.write_all(whole.as_bytes()).and_then(|_| e.flush()) {
         STDERR_GONE.store(true, Ordering::Relaxed);
         log_line(&format!(
             "wick: stderr is gone ({err}); messages continue in this log only"
@@ -99,8 +102,9 @@ pub fn stdout_line(line: &str) {
     if STDOUT_GONE.load(Ordering::Relaxed) {
         return;
     }
+    let whole = format!("{line}\n");
     let mut o = std::io::stdout().lock();
-    if let Err(err) = writeln!(o, "{line}").and_then(|_| o.flush()) {
+    if let Err(err) = o.write_all(whole.as_bytes()).and_then(|_| o.flush()) {
         STDOUT_GONE.store(true, Ordering::Relaxed);
         drop(o);
         stderr_line(&format!(

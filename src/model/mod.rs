@@ -131,6 +131,11 @@ impl Llama {
         self
     }
 
+    /// The dtype products and activations compute in (`--dtype`).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
     /// The parameters' dtype (f32; f64 in gradient checks).
     fn master_dtype(&self) -> DType {
         self.cos.dtype()
