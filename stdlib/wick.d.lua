@@ -148,7 +148,8 @@ wick.data = {}
 ---@field meta table|nil The row's `meta`.
 ---@field source string "file:line".
 
---- `.jsonl` / `.jsonl.zst` files (directories are searched recursively, sorted naturally).
+--- `.jsonl` files, plain or compressed (`.jsonl.zst`, `.jsonl.gz`); directories are searched
+--- recursively, sorted naturally (other compressions are skipped there with a warning).
 ---@param opts wick.SourceOptions|string
 ---@return wick.Source
 function wick.data.jsonl(opts) end

@@ -179,3 +179,99 @@ fn a_parallel_launch_without_mpi_support_is_refused() {
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
 }
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `.gz` data is read like `.zst` (same tokens as the plain file, and a resume mid-file continues
+/// bit-identically); a compression wick does not read is never trained on as text: named
+/// explicitly it is refused at the call that names it, inside a directory it is skipped with a
+/// warning that names it; a corrupt `.gz` is an error naming the file.
+#[test]
+fn gzip_data_is_read_and_other_compressions_are_refused_by_name() {
+    let d = Dir::new();
+    let raw = std::fs::read(d.corpus("plain/a.jsonl", 120)).unwrap();
+    d.write_bytes("gz/a.jsonl.gz", &gzip(&raw));
+    d.write_bytes("gz/b.jsonl.xz", b"\xfd7zXZ\x00 not really xz");
+    let recipe = |data: &str| {
+        format!(
+            r#"local steps = tonumber(wick.args[1])
+local model = wick.model{{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }}
+local session = wick.session{{ model = model, optim = wick.optim.adamw{{ lr = 3e-3 }} }}
+local train = wick.data.loader{{ source = wick.data.jsonl{{ "{data}" }}, batch = 2, seq_len = 16 }}
+for step in session:steps(steps) do session:step(train:next()) end
+"#
+        )
+    };
+    let losses = |d: &Dir| -> Vec<u64> {
+        std::fs::read_to_string(d.join("ckpt/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["kind"] == "step").then(|| v["loss"].as_f64().unwrap().to_bits())
+            })
+            .collect()
+    };
+    d.write("plain.lua", &recipe("plain"));
+    let o = d.run("plain.lua", &["--", "8"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let (plain_losses, plain_tensors) = (losses(&d), ckpt_tensors(&d.ckpt()));
+    assert_eq!(plain_losses.len(), 8);
+
+    d.write("gz.lua", &recipe("gz"));
+    let g = Dir::new();
+    for f in ["gz.lua", "plain.lua"] {
+        std::fs::copy(d.join(f), g.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(g.join("gz")).unwrap();
+    for f in ["gz/a.jsonl.gz", "gz/b.jsonl.xz"] {
+        std::fs::copy(d.join(f), g.join(f)).unwrap();
+    }
+    let o = g.run("gz.lua", &["--", "8"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("skipped 1 file(s) in a compression wick does not read")
+            && stderr(&o).contains("b.jsonl.xz"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(losses(&g), plain_losses, "gzip must read the same tokens");
+
+    // Stopped after 3 steps (mid-file), resumed to 8: the straight run's bytes.
+    let r = Dir::new();
+    for f in ["gz.lua"] {
+        std::fs::copy(d.join(f), r.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(r.join("gz")).unwrap();
+    std::fs::copy(d.join("gz/a.jsonl.gz"), r.join("gz/a.jsonl.gz")).unwrap();
+    assert_eq!(code(&r.run("gz.lua", &["--", "3"])), 0);
+    let o = r.run("gz.lua", &["--resume", "--", "8"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let resumed = ckpt_tensors(&r.ckpt());
+    for (name, bytes) in plain_tensors
+        .iter()
+        .filter(|(n, _)| n.starts_with("model."))
+    {
+        assert!(
+            resumed[name] == *bytes,
+            "{name} differs after a resume in a .gz file"
+        );
+    }
+
+    d.write("xz.lua", &recipe("gz/b.jsonl.xz"));
+    let o = d.run("xz.lua", &["--", "2"]);
+    assert_clean_failure(&o, &["xz.lua:4", "b.jsonl.xz", ".xz files are not read"]);
+
+    let mut bad = gzip(&raw);
+    let n = bad.len();
+    bad.truncate(n / 2);
+    d.write_bytes("bad.jsonl.gz", &bad);
+    d.write("bad.lua", &recipe("bad.jsonl.gz"));
+    let o = d.run("bad.lua", &["--", "1000"]);
+    assert_clean_failure(&o, &["bad.jsonl.gz", "gzip"]);
+}

@@ -1,4 +1,4 @@
-//! Sources: lists of local files (plain text, `.jsonl`, `.jsonl.zst`) read as a stream of
+//! Sources: lists of local files (plain text, `.jsonl`; either also zstd- or gzip-compressed) read as a stream of
 //! records. A record is one JSON row, or a block of lines of a text file. Every position is a
 //! plain cursor (file, byte offset, line, tokens already taken) so a checkpoint can save it and a
 //! resume can continue from the same token.
@@ -11,26 +11,56 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Format {
-    Text,
-    Jsonl,
-    JsonlZst,
+/// How a data file's bytes are compressed (by its name's last suffix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd,
+    Gzip,
 }
 
+/// What a data file holds, by its name: JSON rows or plain text, compressed or not
+/// (`a.jsonl`, `a.jsonl.zst`, `a.json.gz`, `notes.txt`, `notes.txt.gz`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Format {
+    pub jsonl: bool,
+    pub compression: Compression,
+}
+
+/// Compressions wick does not read, with what to do instead: such a file would otherwise be
+/// read as text and train the model on compressed bytes.
+const UNSUPPORTED_COMPRESSION: &[&str] = &[
+    ".bz2", ".xz", ".lzma", ".lz4", ".br", ".zip", ".7z", ".tar", ".tgz",
+];
+
 impl Format {
-    pub fn of(path: &Path) -> Format {
+    pub fn of(path: &Path) -> Result<Format, String> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().to_lowercase())
             .unwrap_or_default();
-        if name.ends_with(".zst") {
-            Format::JsonlZst
-        } else if name.ends_with(".jsonl") || name.ends_with(".json") || name.ends_with(".ndjson") {
-            Format::Jsonl
-        } else {
-            Format::Text
+        if let Some(ext) = UNSUPPORTED_COMPRESSION.iter().find(|e| name.ends_with(*e)) {
+            return Err(format!(
+                "data file {}: {ext} files are not read; decompress it, or recompress it as .zst or .gz",
+                path.display()
+            ));
         }
+        let (inner, compression) = if let Some(i) = name
+            .strip_suffix(".zst")
+            .or_else(|| name.strip_suffix(".zstd"))
+        {
+            (i, Compression::Zstd)
+        } else if let Some(i) = name.strip_suffix(".gz") {
+            (i, Compression::Gzip)
+        } else {
+            (name.as_str(), Compression::None)
+        };
+        // A bare `x.zst` was always read as JSON rows (SlimPajama's chunks are `.jsonl.zst`).
+        let jsonl = [".jsonl", ".json", ".ndjson"]
+            .iter()
+            .any(|e| inner.ends_with(e))
+            || (compression != Compression::None && !inner.contains('.'));
+        Ok(Format { jsonl, compression })
     }
 }
 
@@ -147,12 +177,23 @@ pub fn discover(
             )
         })?;
         if meta.is_dir() {
-            let mut found = Vec::new();
-            walk(path, accept, &mut found)?;
+            let (mut found, mut unread) = (Vec::new(), Vec::new());
+            walk(path, accept, &mut found, &mut unread)?;
+            let unread_note = unread.first().map(|u: &PathBuf| {
+                format!(
+                    "{} file(s) in a compression wick does not read (e.g. {}): decompress them, or recompress them as .zst or .gz",
+                    unread.len(),
+                    u.display()
+                )
+            });
             if found.is_empty() {
                 return Err(format!(
-                    "data directory {p} holds no data files (.txt, .jsonl, .jsonl.zst)"
+                    "data directory {p} holds no data files (.jsonl, .ndjson, .txt or .md, plain or compressed as .zst or .gz){}",
+                    unread_note.map(|n| format!("; it holds {n}")).unwrap_or_default()
                 ));
+            }
+            if let Some(note) = unread_note {
+                crate::host::progress::warn(&format!("data directory {p}: skipped {note}"));
             }
             found.sort_by(|a: &PathBuf, b: &PathBuf| {
                 natural_cmp(&a.to_string_lossy(), &b.to_string_lossy())
@@ -165,6 +206,9 @@ pub fn discover(
                 });
             }
         } else {
+            // A named file in a compression wick cannot read is refused here, at the call that
+            // named it, rather than read as text.
+            Format::of(path)?;
             out.push(FileEntry {
                 path: p.clone(),
                 size: meta.len(),
@@ -174,18 +218,28 @@ pub fn discover(
     Ok(out)
 }
 
-fn walk(dir: &Path, accept: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<(), String> {
+/// Collect the files under `dir` that `accept` takes into `out`, and data files in a
+/// compression wick does not read into `unread`.
+fn walk(
+    dir: &Path,
+    accept: &dyn Fn(&Path) -> bool,
+    out: &mut Vec<PathBuf>,
+    unread: &mut Vec<PathBuf>,
+) -> Result<(), String> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     for entry in entries {
         let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let path = entry.path();
         if path.is_dir() {
-            walk(&path, accept, out)?;
+            walk(&path, accept, out, unread)?;
         } else if accept(&path) {
             out.push(path);
+        } else if is_unread_data_file(&path) {
+            unread.push(path);
         }
     }
+    unread.sort();
     Ok(())
 }
 
@@ -197,16 +251,32 @@ pub fn is_data_file(path: &Path) -> bool {
     if name.starts_with('.') {
         return false;
     }
-    [
-        ".txt",
-        ".jsonl",
-        ".jsonl.zst",
-        ".json.zst",
-        ".ndjson",
-        ".md",
-    ]
-    .iter()
-    .any(|ext| name.ends_with(ext))
+    let inner = [".zst", ".zstd", ".gz"]
+        .iter()
+        .find_map(|c| name.strip_suffix(c))
+        .unwrap_or(&name);
+    [".txt", ".jsonl", ".json", ".ndjson", ".md"]
+        .iter()
+        .any(|ext| inner.ends_with(ext))
+        // A plain `.json` file is usually not data (a config, a tokenizer): only compressed
+        // ones are, as SlimPajama-style chunks. Name a `.json` file to read it.
+        && !name.ends_with(".json")
+}
+
+/// Files a directory walk passed over whose names say they hold data in a compression wick
+/// does not read (`a.jsonl.xz`): worth a warning, since the user probably meant them.
+pub fn is_unread_data_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    UNSUPPORTED_COMPRESSION.iter().any(|c| {
+        name.strip_suffix(c).is_some_and(|inner| {
+            [".txt", ".jsonl", ".json", ".ndjson", ".md"]
+                .iter()
+                .any(|e| inner.ends_with(e))
+        })
+    })
 }
 
 impl Records for RecordReader {
@@ -246,26 +316,33 @@ impl RecordReader {
         stats: Arc<Mutex<DataStats>>,
     ) -> Result<RecordReader, String> {
         let path = Path::new(&file.path);
-        let format = Format::of(path);
+        let format = Format::of(path)?;
         let mut f =
             File::open(path).map_err(|e| format!("cannot open data file {}: {e}", file.path))?;
-        let reader: Box<dyn BufRead + Send> = match format {
-            Format::JsonlZst => {
-                let dec = zstd::stream::read::Decoder::new(f)
-                    .map_err(|e| format!("cannot read zstd file {}: {e}", file.path))?;
+        let reader: Box<dyn BufRead + Send> = match format.compression {
+            Compression::None => {
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(|e| format!("cannot seek in {}: {e}", file.path))?;
+                Box::new(BufReader::with_capacity(1 << 20, f))
+            }
+            c => {
+                let dec: Box<dyn Read + Send> = if c == Compression::Zstd {
+                    Box::new(
+                        zstd::stream::read::Decoder::new(f)
+                            .map_err(|e| format!("cannot read zstd file {}: {e}", file.path))?,
+                    )
+                } else {
+                    // Multi-member: `cat a.gz b.gz` and pigz output are one stream.
+                    Box::new(flate2::read::MultiGzDecoder::new(f))
+                };
                 let mut r = BufReader::with_capacity(1 << 20, dec);
                 // Compressed streams cannot seek: decompress and discard up to the cursor.
                 let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
-                    .map_err(|e| zst_error(&file.path, &e))?;
+                    .map_err(|e| compressed_error(&file.path, c, &e))?;
                 if skipped != offset {
                     return Err(format!("data file {} is shorter than the saved position {offset}; it changed since the checkpoint", file.path));
                 }
                 Box::new(r)
-            }
-            _ => {
-                f.seek(SeekFrom::Start(offset))
-                    .map_err(|e| format!("cannot seek in {}: {e}", file.path))?;
-                Box::new(BufReader::with_capacity(1 << 20, f))
             }
         };
         Ok(RecordReader {
@@ -290,8 +367,8 @@ impl RecordReader {
         loop {
             let start = self.offset;
             let line_no = self.line;
-            let text = match self.format {
-                Format::Text => {
+            let text = match self.format.jsonl {
+                false => {
                     self.buf.clear();
                     loop {
                         let n = self.read_line_into_buf()?;
@@ -317,7 +394,7 @@ impl RecordReader {
                         meta: None,
                     }));
                 }
-                _ => {
+                true => {
                     self.buf.clear();
                     let n = self.read_line_into_buf()?;
                     if n == 0 {
@@ -346,13 +423,12 @@ impl RecordReader {
 
     /// Appends one line (with its newline) to buf; returns the bytes read.
     fn read_line_into_buf(&mut self) -> Result<usize, String> {
-        let n = self
-            .reader
-            .read_until(b'\n', &mut self.buf)
-            .map_err(|e| match self.format {
-                Format::JsonlZst => zst_error(&self.path, &e),
-                _ => format!("cannot read data file {}: {e}", self.path),
-            })?;
+        let n = self.reader.read_until(b'\n', &mut self.buf).map_err(|e| {
+            match self.format.compression {
+                Compression::None => format!("cannot read data file {}: {e}", self.path),
+                c => compressed_error(&self.path, c, &e),
+            }
+        })?;
         self.offset += n as u64;
         if n > 0 {
             self.line += 1;
@@ -428,7 +504,8 @@ impl RecordReader {
         }
         let mut st = self.stats_mut();
         st.bad_rows += 1;
-        if st.examples.len() < 5 && !self.quiet {
+        // Each bad row is shown once, not again every epoch.
+        if st.examples.len() < 5 && !self.quiet && !st.examples.contains(&msg) {
             st.examples.push(msg.clone());
             drop(st);
             crate::host::progress::warn(&format!("skipped bad row {msg}"));
@@ -452,6 +529,37 @@ pub fn subset_of(row: &serde_json::Value) -> String {
         .to_string()
 }
 
-fn zst_error(path: &str, e: &std::io::Error) -> String {
-    format!("data file {path} is not a valid zstd stream (truncated or corrupt?): {e}")
+fn compressed_error(path: &str, c: Compression, e: &std::io::Error) -> String {
+    let what = if c == Compression::Gzip {
+        "gzip"
+    } else {
+        "zstd"
+    };
+    format!("data file {path} is not a valid {what} stream (truncated or corrupt?): {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_files_name_says_what_it_holds_and_how_it_is_compressed() {
+        let f = |n: &str| Format::of(Path::new(n)).map(|f| (f.jsonl, f.compression));
+        assert_eq!(f("a.jsonl"), Ok((true, Compression::None)));
+        assert_eq!(f("A.JSONL.ZST"), Ok((true, Compression::Zstd)));
+        assert_eq!(f("a.json.gz"), Ok((true, Compression::Gzip)));
+        assert_eq!(f("chunk_0.zst"), Ok((true, Compression::Zstd)));
+        assert_eq!(f("notes.txt.gz"), Ok((false, Compression::Gzip)));
+        assert_eq!(f("notes.txt.zstd"), Ok((false, Compression::Zstd)));
+        assert_eq!(f("README"), Ok((false, Compression::None)));
+        for bad in ["a.jsonl.xz", "a.txt.bz2", "corpus.zip", "x.tar"] {
+            let e = f(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains("not read"), "{e}");
+        }
+        let data = |n: &str| is_data_file(Path::new(n));
+        assert!(data("a.jsonl.gz") && data("b.txt.zst") && data("c.json.zst") && data("d.md"));
+        assert!(!data("config.json") && !data(".hidden.jsonl") && !data("a.jsonl.xz"));
+        assert!(is_unread_data_file(Path::new("a.jsonl.xz")));
+        assert!(!is_unread_data_file(Path::new("photo.zip")));
+    }
 }
