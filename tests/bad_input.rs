@@ -244,9 +244,7 @@ for step in session:steps(steps) do session:step(train:next()) end
 
     // Stopped after 3 steps (mid-file), resumed to 8: the straight run's bytes.
     let r = Dir::new();
-    for f in ["gz.lua"] {
-        std::fs::copy(d.join(f), r.join(f)).unwrap();
-    }
+    std::fs::copy(d.join("gz.lua"), r.join("gz.lua")).unwrap();
     std::fs::create_dir_all(r.join("gz")).unwrap();
     std::fs::copy(d.join("gz/a.jsonl.gz"), r.join("gz/a.jsonl.gz")).unwrap();
     assert_eq!(code(&r.run("gz.lua", &["--", "3"])), 0);
