@@ -293,3 +293,34 @@ fn commands_load_save_time_reset_quit() {
     // After :reset nothing was trained in the new session: nothing written on exit.
     assert!(!d.ckpt().exists());
 }
+
+/// Each line at the prompt is its own chunk, so a `local` is gone on the next line: the error
+/// that follows says why and what to write instead, only for names declared that way.
+#[test]
+fn a_local_from_an_earlier_line_gets_a_hint() {
+    let d = Dir::new();
+    let input =
+        "local m, n = 1, 2\nlocal function f() return 1 end\nprint(m + 1)\nf()\nprint(other.x)\n";
+    let mut child = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args(["repl", "--ckpt-dir"])
+        .arg(d.join("ckpt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    assert!(err.contains("hint: `local m` on an earlier line"), "{err}");
+    assert!(err.contains("hint: `local f` on an earlier line"), "{err}");
+    assert_eq!(err.matches("hint:").count(), 2, "none for 'other': {err}");
+}

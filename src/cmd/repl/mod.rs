@@ -35,6 +35,34 @@ pub struct Repl {
     ctx: SharedContext,
     opts: RunOptions,
     tty: bool,
+    /// Names declared `local` on earlier lines: at the prompt each line is its own chunk, so
+    /// they are gone on the next one, and an error naming one as a global gets a hint.
+    line_locals: Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// The names a chunk declares with `local NAME, ...` or `local function NAME` at the start of
+/// one of its lines.
+fn declared_locals(input: &str) -> Vec<String> {
+    let ident = |s: &str| {
+        let s = s.split('<').next().unwrap_or("").trim();
+        (!s.is_empty()
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !s.starts_with(|c: char| c.is_ascii_digit()))
+        .then(|| s.to_string())
+    };
+    let mut out = Vec::new();
+    for line in input.lines() {
+        let Some(rest) = line.trim_start().strip_prefix("local ") else {
+            continue;
+        };
+        if let Some(f) = rest.trim_start().strip_prefix("function ") {
+            out.extend(ident(f.split('(').next().unwrap_or("")));
+        } else {
+            let names = rest.split('=').next().unwrap_or("");
+            out.extend(names.split(',').filter_map(ident));
+        }
+    }
+    out
 }
 
 enum Input {
@@ -85,6 +113,9 @@ impl Repl {
         };
         let (ending, values) = guard::run_with(|| func.call::<mlua::MultiValue>(()));
         self.report(ending, values)?;
+        if let Ok(mut l) = self.line_locals.lock() {
+            l.extend(declared_locals(input));
+        }
         Ok(Input::Done)
     }
 
@@ -123,11 +154,24 @@ impl Repl {
                     .take(6)
                     .collect();
                 self.err(&format!("error: {}", short.join("\n")));
+                if let Some(name) = self.lost_local(&m) {
+                    self.err(&format!(
+                        "hint: `local {name}` on an earlier line lived only in that line (each line at the prompt is its own chunk); write `{name} = ...` without `local` to keep it"
+                    ));
+                }
             }
             Ending::Panicked(m) => self.err(&format!("internal error (a host call panicked): {m}")),
             Ending::ReplExit => {}
         }
         Ok(())
+    }
+
+    /// The name in "(global 'NAME')" of an error, when an earlier line declared it `local`.
+    fn lost_local(&self, message: &str) -> Option<String> {
+        let start = message.find("global '")? + "global '".len();
+        let name = &message[start..start + message[start..].find('\'')?];
+        let known = self.line_locals.lock().ok()?.contains(name);
+        known.then(|| name.to_string())
     }
 
     fn command(&mut self, line: &str) -> Flow<bool> {
@@ -240,6 +284,7 @@ pub fn run(spec: RunSpec, resume: Option<PathBuf>) -> Result<i32> {
         ctx,
         opts,
         tty,
+        line_locals: Mutex::new(Default::default()),
     };
     if let (Some(p), true) = (&resume, resumed) {
         let src = format!(
@@ -380,4 +425,17 @@ fn piped(repl: &mut Repl) -> i32 {
         }
     }
     repl.exit()
+}
+
+#[cfg(test)]
+mod local_tests {
+    use super::declared_locals;
+
+    #[test]
+    fn declared_locals_reads_every_form() {
+        assert_eq!(declared_locals("local a, b <const> = 1, 2"), ["a", "b"]);
+        assert_eq!(declared_locals("  local function go(x) end"), ["go"]);
+        assert_eq!(declared_locals("local t\nx = 1\nlocal 9bad = 1"), ["t"]);
+        assert!(declared_locals("print('local x')").is_empty());
+    }
 }
