@@ -273,3 +273,38 @@ for step in session:steps(steps) do session:step(train:next()) end
     let o = d.run("bad.lua", &["--", "1000"]);
     assert_clean_failure(&o, &["bad.jsonl.gz", "gzip"]);
 }
+
+/// A text source whose file is not text (a parquet file, a binary, UTF-16) is an error naming
+/// the file and what to do, never trained on as bytes; `on_bad_file = "skip"` skips it.
+#[test]
+fn binary_files_are_not_trained_on_as_text() {
+    let d = Dir::new();
+    let mut parquet = b"PAR1\x15\x04\x15\x00\x00\x00".to_vec();
+    parquet.extend(std::iter::repeat_n(0u8, 64));
+    d.write_bytes("t.parquet", &parquet);
+    let mut utf16 = vec![0xff, 0xfe];
+    for c in "hello world".encode_utf16() {
+        utf16.extend(c.to_le_bytes());
+    }
+    d.write_bytes("win.txt", &utf16);
+    d.write("ok.txt", &"plain text that is fine. ".repeat(40));
+    let recipe = |files: &str, extra: &str| {
+        format!(
+            "local model = wick.model{{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }}\nlocal session = wick.session{{ model = model }}\nlocal train = wick.data.loader{{ source = wick.data.text{{ {files}{extra} }}, batch = 2, seq_len = 16 }}\nfor s in session:steps(3) do session:step(train:next()) end\n"
+        )
+    };
+    d.write("p.lua", &recipe("'t.parquet'", ""));
+    assert_clean_failure(
+        &d.run("p.lua", &[]),
+        &["t.parquet", "not text", "read_parquet"],
+    );
+    d.write("u.lua", &recipe("'win.txt'", ""));
+    assert_clean_failure(&d.run("u.lua", &[]), &["win.txt", "UTF-16"]);
+    d.write(
+        "s.lua",
+        &recipe("'win.txt', 'ok.txt'", ", on_bad_file = 'skip'"),
+    );
+    let o = d.run("s.lua", &[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(ckpt_meta(&d.ckpt())["step"], 3);
+}

@@ -319,7 +319,7 @@ impl RecordReader {
         let format = Format::of(path)?;
         let mut f =
             File::open(path).map_err(|e| format!("cannot open data file {}: {e}", file.path))?;
-        let reader: Box<dyn BufRead + Send> = match format.compression {
+        let mut reader: Box<dyn BufRead + Send> = match format.compression {
             Compression::None => {
                 f.seek(SeekFrom::Start(offset))
                     .map_err(|e| format!("cannot seek in {}: {e}", file.path))?;
@@ -345,6 +345,9 @@ impl RecordReader {
                 Box::new(r)
             }
         };
+        if !format.jsonl && offset == 0 {
+            refuse_binary(&mut reader, &file.path, format.compression)?;
+        }
         Ok(RecordReader {
             reader,
             format,
@@ -527,6 +530,35 @@ pub fn subset_of(row: &serde_json::Value) -> String {
         .and_then(|v| v.as_str())
         .unwrap_or("unknown")
         .to_string()
+}
+
+/// A "text" file whose first bytes hold NUL bytes is not text (a parquet or arrow file, a
+/// binary, a compressed file under a text name): training on its bytes would teach the model
+/// noise, so it is an error naming the file.
+fn refuse_binary(
+    reader: &mut Box<dyn BufRead + Send>,
+    path: &str,
+    c: Compression,
+) -> Result<(), String> {
+    let head = reader.fill_buf().map_err(|e| match c {
+        Compression::None => format!("cannot read data file {path}: {e}"),
+        c => compressed_error(path, c, &e),
+    })?;
+    let head = &head[..head.len().min(8192)];
+    if !head.contains(&0) {
+        return Ok(());
+    }
+    let lower = path.to_lowercase();
+    let hint = if head.starts_with(b"\xff\xfe") || head.starts_with(b"\xfe\xff") {
+        "it looks like UTF-16 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)"
+    } else if lower.ends_with(".parquet") || lower.ends_with(".arrow") {
+        "convert it to JSON lines first (pandas: pd.read_parquet(f).to_json(out, orient=\"records\", lines=True))"
+    } else {
+        "wick reads text and JSON lines (.txt, .md, .jsonl; plain or .zst/.gz)"
+    };
+    Err(format!(
+        "data file {path} is not text (it holds NUL bytes near its start): {hint}"
+    ))
 }
 
 fn compressed_error(path: &str, c: Compression, e: &std::io::Error) -> String {
