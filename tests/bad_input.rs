@@ -76,7 +76,10 @@ fn malformed_json_lines_are_skipped_and_counted_with_file_and_line() {
     let d = Dir::new();
     let p = d.corpus("data.jsonl", 40);
     // Line 41 malformed, line 42 without text, line 43 with a non-string text.
-    append(&p, "{not json\n{\"meta\": {}}\n{\"text\": 5}\n");
+    append(
+        &p,
+        "{not json\n{\"meta\": {}, \"content\": \"x\"}\n{\"text\": 5}\n",
+    );
     let mut recipe = tiny_setup("data.jsonl", 1e-3);
     recipe.push_str("for i = 1, 400 do train:next() end\nsession:step(train:next())\nwick.log{ x = 1 }\nprint('bad_rows', train.bad_rows)\n");
     d.write("r.lua", &recipe);
@@ -84,7 +87,14 @@ fn malformed_json_lines_are_skipped_and_counted_with_file_and_line() {
     let err = stderr(&o);
     assert_eq!(code(&o), 0, "{err}");
     assert!(err.contains("data.jsonl:41: malformed JSON"), "{err}");
-    assert!(err.contains("data.jsonl:42: no field 'text'"), "{err}");
+    assert!(
+        err.contains(
+            "data.jsonl:42: no field 'text' (its text fields: content; use field = \"content\""
+        ),
+        "{err}"
+    );
+    // Each bad row is shown once, though the loader passes over the file many times.
+    assert_eq!(err.matches("data.jsonl:41:").count(), 1, "{err}");
     assert!(
         err.contains("data.jsonl:43: field 'text' is not a string"),
         "{err}"

@@ -473,7 +473,27 @@ impl RecordReader {
                     &format!("field '{}' is not a string", self.spec_field),
                 )
             }
-            None => return self.bad_row(line_no, &format!("no field '{}'", self.spec_field)),
+            None => {
+                // Name the row's string fields: the usual cause is a corpus whose text lives
+                // under another name ("content", "raw_content", ...).
+                let strings: Vec<&str> = row
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(_, v)| v.is_string())
+                            .map(|(k, _)| k.as_str())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let hint = match strings.first() {
+                    Some(first) => format!(
+                        " (its text fields: {}; use field = \"{first}\" to read one)",
+                        strings.join(", ")
+                    ),
+                    None => String::new(),
+                };
+                return self.bad_row(line_no, &format!("no field '{}'{hint}", self.spec_field));
+            }
         };
         let subset = subset_of(&row);
         if let Some(wanted) = &self.subsets {
