@@ -48,8 +48,15 @@ fn wrong_type_names_option_and_expected_type() {
     let o = d.run("r.lua", &[]);
     assert_clean_failure(
         &o,
-        &["option 'dim' of wick.model must be a non-negative whole number, got a string"],
+        &["option 'dim' of wick.model must be a non-negative whole number, got the string \"big\""],
     );
+    d.write("r.lua", "local m = wick.model{ dim = -8 }\n");
+    assert_clean_failure(
+        &d.run("r.lua", &[]),
+        &["option 'dim' of wick.model must be a non-negative whole number, got -8"],
+    );
+    d.write("r.lua", "local m = wick.model{ dim = {} }\n");
+    assert_clean_failure(&d.run("r.lua", &[]), &["got a table"]);
 }
 
 #[test]

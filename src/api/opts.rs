@@ -92,10 +92,19 @@ impl Opts {
     }
 
     fn wrong(&self, key: &str, want: &str, v: &Value) -> mlua::Error {
+        // Show short values themselves ("got -1", "got the string \"2\""), else their type.
+        let got = match v {
+            Value::Integer(i) => i.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::Boolean(b) => b.to_string(),
+            Value::String(s) if s.as_bytes().len() <= 40 => {
+                format!("the string {:?}", s.to_string_lossy())
+            }
+            v => type_name(v).to_string(),
+        };
         mlua::Error::runtime(format!(
-            "option '{key}' of {} must be {want}, got {}",
-            self.func,
-            type_name(v)
+            "option '{key}' of {} must be {want}, got {got}",
+            self.func
         ))
     }
 
