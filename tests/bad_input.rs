@@ -325,3 +325,66 @@ fn binary_files_are_not_trained_on_as_text() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(ckpt_meta(&d.ckpt())["step"], 3);
 }
+
+/// Wrong values handed to the API's functions, methods and fields are named in the recipe's
+/// terms at the recipe's line — which call, which argument, what was expected, what came —
+/// never in the binding's Rust types.
+#[test]
+fn wrong_arguments_are_named_in_the_recipes_terms() {
+    let d = Dir::new();
+    d.write("small.txt", &"some text to train on. ".repeat(30));
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "session.lr = 'abc'",
+            &["session.lr must be a non-negative number, got the string \"abc\""],
+        ),
+        (
+            "session.global_step = 5",
+            &["session.global_step is read-only"],
+        ),
+        (
+            "for s in session:steps(-1) do end",
+            &["session:steps(N)'s N must be a non-negative whole number, got -1"],
+        ),
+        (
+            "session:step(nil)",
+            &["session:step expects a batch", "got nil"],
+        ),
+        (
+            "session:step(train)",
+            &["session:step expects a batch", "got a wick object"],
+        ),
+        (
+            "print(session:eval(train, 0))",
+            &["number of batches must be at least 1"],
+        ),
+        (
+            "model:weight(nil)",
+            &["bad argument #1 to model:weight: expected a string, got nil"],
+        ),
+        (
+            "wick.tokenizer.bytes():decode('x')",
+            &["bad argument #1 to tokenizer:decode: expected a table, got a string"],
+        ),
+        (
+            "wick.load(nil)",
+            &["bad argument #1 to load: expected a string, got nil"],
+        ),
+    ];
+    for (stmt, needles) in cases {
+        d.write(
+            "r.lua",
+            &format!("local model = wick.model{{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }}\nlocal session = wick.session{{ model = model }}\nlocal train = wick.data.loader{{ source = wick.data.text{{ 'small.txt' }}, batch = 2, seq_len = 16 }}\n{stmt}\n"),
+        );
+        let o = d.run("r.lua", &[]);
+        assert_eq!(code(&o), 1, "{stmt}: {}", stderr(&o));
+        let mut want = vec!["r.lua:4:"];
+        want.extend(needles.iter());
+        assert_clean_failure(&o, &want);
+        let err = stderr(&o);
+        assert!(
+            !err.contains("Handle") && !err.contains("__mlua") && !err.contains("error converting"),
+            "{stmt}: {err}"
+        );
+    }
+}

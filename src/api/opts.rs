@@ -21,6 +21,32 @@ fn type_name(v: &Value) -> String {
     }
 }
 
+/// A value as an error message shows it: short values themselves ("-8", "the string \"2\""),
+/// others by their type ("a table").
+pub fn describe(v: &Value) -> String {
+    match v {
+        Value::Integer(i) => i.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::Boolean(b) => b.to_string(),
+        Value::String(s) if s.as_bytes().len() <= 40 => {
+            format!("the string {:?}", s.to_string_lossy())
+        }
+        v => type_name(v),
+    }
+}
+
+/// An argument that must be a whole number ≥ 0: `what` names it in the error.
+pub fn whole_number(v: &Value, what: &str) -> mlua::Result<u64> {
+    match v {
+        Value::Integer(i) if *i >= 0 => Ok(*i as u64),
+        Value::Number(n) if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e18 => Ok(*n as u64),
+        v => Err(mlua::Error::runtime(format!(
+            "{what} must be a non-negative whole number, got {}",
+            describe(v)
+        ))),
+    }
+}
+
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
@@ -92,19 +118,10 @@ impl Opts {
     }
 
     fn wrong(&self, key: &str, want: &str, v: &Value) -> mlua::Error {
-        // Show short values themselves ("got -1", "got the string \"2\""), else their type.
-        let got = match v {
-            Value::Integer(i) => i.to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::Boolean(b) => b.to_string(),
-            Value::String(s) if s.as_bytes().len() <= 40 => {
-                format!("the string {:?}", s.to_string_lossy())
-            }
-            v => type_name(v).to_string(),
-        };
         mlua::Error::runtime(format!(
-            "option '{key}' of {} must be {want}, got {got}",
-            self.func
+            "option '{key}' of {} must be {want}, got {}",
+            self.func,
+            describe(v)
         ))
     }
 

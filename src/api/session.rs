@@ -3,10 +3,10 @@
 
 use super::data::{BatchHandle, LoaderHandle};
 use super::model::ModelHandle;
-use super::opts::{table_arg, Opts};
+use super::opts::{describe, table_arg, whole_number, Opts};
 use super::{check_stop, context, lock};
 use crate::train::{AdamW, AdamWConfig, Session};
-use mlua::{AnyUserData, Lua, MetaMethod, UserData, UserDataMethods, Value};
+use mlua::{Lua, MetaMethod, UserData, UserDataMethods, Value};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone)]
@@ -146,11 +146,20 @@ impl SessionHandle {
 }
 
 /// `session:step(batch)`: the run's step path; the batch's cursor is committed once it trained.
-fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64> {
+fn step(lua: &Lua, this: &SessionHandle, batch: Value) -> mlua::Result<f64> {
     check_stop()?;
-    let batch = batch
+    let not_a_batch = |v: &Value| {
+        mlua::Error::runtime(format!(
+            "session:step expects a batch (from loader:next() or wick.data.batch{{...}}), got {}",
+            describe(v)
+        ))
+    };
+    let Value::UserData(ud) = &batch else {
+        return Err(not_a_batch(&batch));
+    };
+    let batch = ud
         .borrow::<BatchHandle>()
-        .map_err(|_| mlua::Error::runtime("session:step expects a batch from loader:next()"))?;
+        .map_err(|_| not_a_batch(&batch))?;
     let ctx = context(lua)?;
     Ok(crate::run::step::train(
         &ctx,
@@ -161,31 +170,65 @@ fn step(lua: &Lua, this: &SessionHandle, batch: AnyUserData) -> mlua::Result<f64
     )?)
 }
 
-fn eval(this: &SessionHandle, loader: AnyUserData, n: Option<usize>) -> mlua::Result<f64> {
+fn eval(this: &SessionHandle, loader: Value, n: Value) -> mlua::Result<f64> {
     check_stop()?;
-    let loader = loader.borrow::<LoaderHandle>().map_err(|_| {
-        mlua::Error::runtime("session:eval expects a loader: session:eval(loader, n_batches)")
-    })?;
-    Ok(crate::run::step::eval(
-        &this.session,
-        &loader.0,
-        n.unwrap_or(8),
-    )?)
+    let not_a_loader = || {
+        mlua::Error::runtime(format!(
+            "session:eval expects a loader: session:eval(loader, n_batches), got {}",
+            describe(&loader)
+        ))
+    };
+    let Value::UserData(ud) = &loader else {
+        return Err(not_a_loader());
+    };
+    let loader = ud.borrow::<LoaderHandle>().map_err(|_| not_a_loader())?;
+    let n = match n {
+        Value::Nil => 8,
+        v => match whole_number(&v, "session:eval's number of batches")? {
+            0 => {
+                return Err(mlua::Error::runtime(
+                    "session:eval's number of batches must be at least 1, got 0",
+                ))
+            }
+            n => n as usize,
+        },
+    };
+    Ok(crate::run::step::eval(&this.session, &loader.0, n)?)
 }
 
 impl UserData for SessionHandle {
     fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
         fields.add_field_method_get("global_step", |_, this| Ok(this.lock()?.step));
         fields.add_field_method_get("lr", |_, this| Ok(this.lock()?.lr));
-        fields.add_field_method_set("lr", |_, this, lr: f64| {
+        fields.add_field_method_set("lr", |_, this, v: Value| {
+            let lr = match v {
+                Value::Integer(i) => i as f64,
+                Value::Number(n) => n,
+                _ => f64::NAN,
+            };
             if !(lr.is_finite() && lr >= 0.0) {
                 return Err(mlua::Error::runtime(format!(
-                    "session.lr must be a non-negative number, got {lr}"
+                    "session.lr must be a non-negative number, got {}",
+                    describe(&v)
                 )));
             }
             this.lock()?.lr = lr;
             Ok(())
         });
+        // The counters are the host's: a recipe that sets them gets told so, at its line.
+        for name in [
+            "global_step",
+            "last_loss",
+            "tokens_seen",
+            "grad_norm",
+            "model",
+        ] {
+            fields.add_field_method_set(name, move |_, _, _: Value| -> mlua::Result<()> {
+                Err(mlua::Error::runtime(format!(
+                    "session.{name} is read-only (the host keeps it); only session.lr can be set"
+                )))
+            });
+        }
         fields.add_field_method_get("last_loss", |_, this| Ok(this.lock()?.last_loss));
         fields.add_field_method_get("tokens_seen", |_, this| Ok(this.lock()?.tokens_seen));
         fields.add_field_method_get("grad_norm", |_, this| Ok(this.lock()?.last_grad_norm));
@@ -193,17 +236,15 @@ impl UserData for SessionHandle {
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("step", |lua, this, batch: AnyUserData| {
-            step(lua, this, batch)
+        methods.add_method("step", |lua, this, batch: Value| step(lua, this, batch));
+        methods.add_method("eval", |_, this, (loader, n): (Value, Value)| {
+            eval(this, loader, n)
         });
-        methods.add_method(
-            "eval",
-            |_, this, (loader, n): (AnyUserData, Option<usize>)| eval(this, loader, n),
-        );
         // `for step in session:steps(N) do ... end`: the steps still to run up to N, so a
         // resumed run continues where the checkpoint stopped with no arithmetic in the recipe.
-        methods.add_method("steps", |lua, this, total: u64| {
+        methods.add_method("steps", |lua, this, total: Value| {
             check_stop()?;
+            let total = whole_number(&total, "session:steps(N)'s N")?;
             let first = this.lock()?.step;
             crate::host::progress::start(first, total);
             let mut next = first;

@@ -232,7 +232,18 @@ pub fn is_interrupt(err: &mlua::Error) -> bool {
 pub fn clean_message(e: &mlua::Error) -> String {
     let text = match e {
         mlua::Error::CallbackError { traceback, cause } => {
-            let inner = clean_message(cause);
+            let mut inner = clean_message(cause);
+            // A plain function's bad argument has no name in mlua's error: take the called
+            // field's name from the traceback ("[C]: in field 'load'").
+            if let (Some(rest), Some(name)) =
+                (inner.strip_prefix("bad argument #"), called_name(traceback))
+            {
+                if let Some((pos, what)) = rest.split_once(": ") {
+                    if !pos.contains(" to ") {
+                        inner = format!("bad argument #{pos} to {name}: {what}");
+                    }
+                }
+            }
             if inner.contains("stack traceback:") {
                 inner
             } else {
@@ -256,6 +267,10 @@ pub fn clean_message(e: &mlua::Error) -> String {
             }
         }
         mlua::Error::RuntimeError(m) => m.clone(),
+        mlua::Error::BadArgument { to, pos, cause, .. } => bad_argument(to.as_deref(), *pos, cause),
+        mlua::Error::FromLuaConversionError { from, to, .. } => {
+            format!("expected {}, got {}", lua_type_of_rust(to), article(from))
+        }
         mlua::Error::ExternalError(x) => x.to_string(),
         mlua::Error::WithContext { context, cause } => {
             format!("{context}: {}", clean_message(cause))
@@ -269,16 +284,84 @@ pub fn clean_message(e: &mlua::Error) -> String {
     };
     // The prelude's `error` wrapper is wick's, not the recipe's: keep it out of tracebacks.
     text.lines()
-        .filter(|l| !l.contains("wick/prelude.lua:") && !l.contains("upvalue 'raw_error'"))
+        .filter(|l| {
+            !l.contains("wick/prelude.lua:")
+                && !l.contains("upvalue 'raw_error'")
+                // mlua's glue for fields: not the recipe's, and a name that explains nothing.
+                && !l.contains("__mlua_")
+                && !l.contains("in local 'field_setter'")
+        })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// mlua's "bad argument #2 to `ModelHandle.weight`: error converting Lua nil to String" in the
+/// recipe's terms: "bad argument #1 to model:weight: expected a string, got nil".
+fn bad_argument(to: Option<&str>, pos: usize, cause: &mlua::Error) -> String {
+    // mlua names a method `TypeHandle.method` and counts `self` as argument #1.
+    let (call, pos) = match to.and_then(|t| t.split_once('.')) {
+        Some((ty, method)) if ty.ends_with("Handle") => {
+            let object = match ty.trim_end_matches("Handle") {
+                "Session" => "session".to_string(),
+                "Loader" => "loader".to_string(),
+                other => other.to_lowercase(),
+            };
+            (Some(format!("{object}:{method}")), pos.saturating_sub(1))
+        }
+        _ => (to.map(str::to_string), pos),
+    };
+    let what = clean_message(cause);
+    match call {
+        Some(call) => format!("bad argument #{pos} to {call}: {what}"),
+        None => format!("bad argument #{pos}: {what}"),
+    }
+}
+
+/// What a recipe must pass for a Rust parameter type, in Lua's words.
+fn lua_type_of_rust(rust: &str) -> &str {
+    match rust {
+        "String" | "&str" | "BString" => "a string",
+        "bool" => "a boolean",
+        "Table" => "a table",
+        "Function" => "a function",
+        t if t.starts_with("Vec<") || t.starts_with("HashMap<") || t.starts_with("BTreeMap<") => {
+            "a table"
+        }
+        t if [
+            "u8", "u16", "u32", "u64", "usize", "i32", "i64", "isize", "f32", "f64",
+        ]
+        .contains(&t) =>
+        {
+            "a number"
+        }
+        t => t,
+    }
+}
+
+/// A Lua type name with its article ("a string", "nil").
+fn article(lua_type: &str) -> String {
+    match lua_type {
+        "nil" => "nil".into(),
+        "integer" | "number" => "a number".into(),
+        "userdata" => "a wick object".into(),
+        t => format!("a {t}"),
+    }
+}
+
+/// The name of the Rust function a traceback starts in (`[C]: in field 'load'`).
+fn called_name(traceback: &str) -> Option<String> {
+    let first = traceback.lines().nth(1)?.trim();
+    let rest = first.strip_prefix("[C]: in ")?;
+    let name = rest.split('\'').nth(1)?;
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// The first Lua `file:line` in a traceback (skipping frames of Rust functions).
 fn lua_location(traceback: &str) -> Option<String> {
     traceback.lines().skip(1).find_map(|l| {
         let l = l.trim();
-        if l.starts_with("[C]") {
+        // Rust functions, and the Lua glue mlua generates for fields (`__mlua_newindex`).
+        if l.starts_with("[C]") || l.starts_with("__mlua") {
             return None;
         }
         let mut parts = l.splitn(3, ':');
