@@ -388,3 +388,26 @@ fn wrong_arguments_are_named_in_the_recipes_terms() {
         );
     }
 }
+
+/// Data paths are read from the working directory: a recipe run from elsewhere whose data
+/// lives beside it (or at its project's root) is told where the data is and what to do.
+#[test]
+fn a_data_path_that_exists_beside_the_recipe_is_pointed_out() {
+    let d = Dir::new();
+    d.corpus("proj/data/train.jsonl", 20);
+    d.write(
+        "proj/scripts/r.lua",
+        "local train = wick.data.loader{ source = wick.data.jsonl{ 'data/train.jsonl' }, batch = 1, seq_len = 8 }\n",
+    );
+    let o = d.run("proj/scripts/r.lua", &[]);
+    let root = std::fs::canonicalize(d.join("proj")).unwrap();
+    assert_clean_failure(
+        &o,
+        &[
+            "r.lua:1",
+            "data/train.jsonl",
+            &format!("{} exists", root.join("data/train.jsonl").display()),
+            &format!("run wick from {}", root.display()),
+        ],
+    );
+}

@@ -274,6 +274,33 @@ fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
     }
 }
 
+/// Data paths are read from the working directory; a recipe started from elsewhere
+/// (`wick run ~/proj/scripts/train.lua` from home) misses them. When a missing relative path
+/// exists beside the recipe or a little above it (the project's root), say where.
+fn beside_the_recipe(lua: &Lua, paths: &[String]) -> String {
+    let Some(recipe) = context(lua)
+        .ok()
+        .and_then(|c| lock(&c).opts.recipe.clone())
+        .and_then(|r| std::fs::canonicalize(r).ok())
+    else {
+        return String::new();
+    };
+    for dir in recipe.ancestors().skip(1).take(3) {
+        let found = paths
+            .iter()
+            .map(Path::new)
+            .find(|p| p.is_relative() && !p.exists() && dir.join(p).exists());
+        if let Some(p) = found {
+            return format!(
+                "; {} exists: run wick from {}, or give the path from the working directory",
+                dir.join(p).display(),
+                dir.display()
+            );
+        }
+    }
+    String::new()
+}
+
 fn make_source(lua: &Lua, func: &'static str, options: Value) -> mlua::Result<SourceHandle> {
     check_stop()?;
     let options = string_as_list(lua, options)?;
@@ -285,8 +312,9 @@ fn make_source(lua: &Lua, func: &'static str, options: Value) -> mlua::Result<So
             "{func} needs at least one file or directory: {func}{{ \"data/sample/train\" }}"
         )));
     }
-    let files = discover(&paths, &is_data_file)
-        .map_err(|e| mlua::Error::runtime(format!("{func}: {e}")))?;
+    let files = discover(&paths, &is_data_file).map_err(|e| {
+        mlua::Error::runtime(format!("{func}: {e}{}", beside_the_recipe(lua, &paths)))
+    })?;
     let seed = match o.usize("seed")? {
         Some(s) => s as u64,
         None => lock(&context(lua)?).opts.seed,
@@ -572,7 +600,12 @@ fn slimpajama(lua: &Lua, options: Value) -> mlua::Result<Value> {
         }
     };
     let files = crate::data::slimpajama::discover(Path::new(&root), &split, chunks.as_deref())
-        .map_err(|e| mlua::Error::runtime(format!("wick.data.slimpajama: {e}")))?;
+        .map_err(|e| {
+            mlua::Error::runtime(format!(
+                "wick.data.slimpajama: {e}{}",
+                beside_the_recipe(lua, std::slice::from_ref(&root))
+            ))
+        })?;
     let (subsets, seed) = subsets_and_seed(lua, &o)?;
     let base = SourceSpec {
         files,
