@@ -233,3 +233,27 @@ fn the_projects_own_regression_suite_passes() {
     assert_eq!(code(&o), 0, "{}\n{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains(" passed, 0 failed"));
 }
+
+/// `wick test` with no paths in a project without `tests/`: the `*_test.lua` files under the
+/// current directory (not under `target/` or hidden folders), shown by their relative paths.
+#[test]
+fn with_no_paths_it_finds_the_test_files_under_the_current_directory() {
+    let d = Dir::new();
+    d.write(
+        "checks/math_test.lua",
+        "test('adds', function() expect(1 + 1):to_be(2) end)\n",
+    );
+    d.write(
+        "target/junk_test.lua",
+        "test('never run', function() error('target/ is not searched') end)\n",
+    );
+    let o = wick_test(&d, &[]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(out.contains("checks/math_test.lua::adds"), "{out}");
+    assert!(
+        !out.contains("./checks") && !out.contains("junk_test"),
+        "{out}"
+    );
+    assert!(out.contains("1 passed, 0 failed"), "{out}");
+}

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
-    /// Test files or directories (default tests/regress).
-    #[arg(default_value = "tests/regress")]
+    /// Test files or directories (default: tests/regress, else tests, else the current
+    /// directory).
     pub paths: Vec<PathBuf>,
     /// Only cases whose "file::name" contains this text.
     #[arg(long)]
@@ -83,11 +83,27 @@ impl Outcome {
     }
 }
 
+/// Where `wick test` looks when given no paths: the project's regression suite if there is
+/// one, else its tests, else everything under the current directory.
+fn default_paths() -> Vec<PathBuf> {
+    let dir = ["tests/regress", "tests"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("."));
+    vec![dir]
+}
+
 fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         for e in std::fs::read_dir(dir)? {
             let p = e?.path();
-            if p.is_dir() {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            // Build outputs, checkpoints and hidden folders hold no test files of the user's.
+            let skipped = name
+                .as_deref()
+                .is_some_and(|n| n.starts_with('.') || n == "target" || n == "node_modules");
+            if p.is_dir() && !skipped {
                 walk(&p, out)?;
             } else if p
                 .file_name()
@@ -112,6 +128,11 @@ fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             )));
         }
     }
+    // `wick test` in a project: show `t/a_test.lua`, not `./t/a_test.lua`.
+    let mut files: Vec<PathBuf> = files
+        .into_iter()
+        .map(|f| f.strip_prefix(".").map(Path::to_path_buf).unwrap_or(f))
+        .collect();
     files.sort();
     if files.is_empty() {
         let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
@@ -167,7 +188,12 @@ fn collect_cases(files: &[PathBuf], filter: Option<&str>) -> (Vec<Case>, Vec<Out
 
 pub fn run(args: TestArgs) -> Result<i32> {
     crate::device::open(&args.device, &args.dtype).map_err(Error::usage)?;
-    let files = discover(&args.paths)?;
+    let paths = if args.paths.is_empty() {
+        default_paths()
+    } else {
+        args.paths.clone()
+    };
+    let files = discover(&paths)?;
     signals::install()?;
     signals::set_repl_mode(true); // a Ctrl+C stops the run cleanly; no save messages here
     let (cases, mut outcomes) = collect_cases(&files, args.filter.as_deref());
