@@ -348,6 +348,9 @@ impl RecordReader {
         if !format.jsonl && offset == 0 {
             refuse_binary(&mut reader, &file.path, format.compression)?;
         }
+        if format.jsonl && offset == 0 {
+            refuse_json_array(&mut reader, &file.path)?;
+        }
         Ok(RecordReader {
             reader,
             format,
@@ -579,6 +582,21 @@ fn refuse_binary(
     Err(format!(
         "data file {path} is not text (it holds NUL bytes near its start): {hint}"
     ))
+}
+
+/// A `.json` file that is one JSON array (`[{"text": ...}, ...]`) is not JSON lines: every
+/// line would be a bad row. Say what it is and how to convert it.
+fn refuse_json_array(reader: &mut Box<dyn BufRead + Send>, path: &str) -> Result<(), String> {
+    let Ok(head) = reader.fill_buf() else {
+        return Ok(()); // the first read reports it, with the file's name
+    };
+    let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+    if head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(format!(
+            "data file {path} is one JSON array, not JSON lines (one object per line): convert it, e.g. jq -c '.[]' {path} > out.jsonl"
+        ));
+    }
+    Ok(())
 }
 
 fn compressed_error(path: &str, c: Compression, e: &std::io::Error) -> String {
