@@ -291,8 +291,9 @@ for step in session:steps(steps) do session:step(train:next()) end
     assert_clean_failure(&o, &["bad.jsonl.gz", "gzip"]);
 }
 
-/// A text source whose file is not text (a parquet file, a binary, UTF-16) is an error naming
-/// the file and what to do, never trained on as bytes; `on_bad_file = "skip"` skips it.
+/// A text source whose file is not text (a parquet file, a binary, UTF-16), or a `.json` file
+/// that is one array rather than JSON lines, is an error naming the file and what to do, never
+/// trained on as bytes; `on_bad_file = "skip"` skips it.
 #[test]
 fn binary_files_are_not_trained_on_as_text() {
     let d = Dir::new();
@@ -317,6 +318,15 @@ fn binary_files_are_not_trained_on_as_text() {
     );
     d.write("u.lua", &recipe("'win.txt'", ""));
     assert_clean_failure(&d.run("u.lua", &[]), &["win.txt", "UTF-16"]);
+    d.write(
+        "docs.json",
+        "[\n  {\"text\": \"one\"},\n  {\"text\": \"two\"}\n]\n",
+    );
+    d.write("a.lua", &recipe("'docs.json'", ""));
+    assert_clean_failure(
+        &d.run("a.lua", &[]),
+        &["docs.json", "one JSON array", "jq -c"],
+    );
     d.write(
         "s.lua",
         &recipe("'win.txt', 'ok.txt'", ", on_bad_file = 'skip'"),
