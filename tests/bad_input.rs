@@ -421,3 +421,28 @@ fn a_data_path_that_exists_beside_the_recipe_is_pointed_out() {
         ],
     );
 }
+
+/// The tools that read a file named on the command line say a missing one is a usage error
+/// (exit 2), naming it.
+#[test]
+fn tools_given_a_missing_file_exit_2_naming_it() {
+    let d = Dir::new();
+    for args in [
+        vec!["inspect", "gone.ckpt"],
+        vec!["generate", "gone.ckpt", "--prompt", "x"],
+        vec!["export", "gone.ckpt", "--hf", "out"],
+        vec!["plot", "gone.jsonl", "-o", "p.png"],
+    ] {
+        let o = std::process::Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 2, "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no such") && stderr(&o).contains("gone."),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+}

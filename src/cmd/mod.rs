@@ -216,7 +216,10 @@ pub fn dispatch(command: Command) -> Result<i32> {
             };
             run::run(&recipe, spec)
         }
-        Command::Inspect { ckpt, json } => inspect::inspect(&ckpt, json),
+        Command::Inspect { ckpt, json } => {
+            must_exist(&ckpt, "checkpoint")?;
+            inspect::inspect(&ckpt, json)
+        }
         Command::Repl { common, resume } => repl::run(common.spec(), resume),
         Command::Test(args) => test::run(args),
         Command::TestCase {
@@ -244,11 +247,19 @@ pub fn dispatch(command: Command) -> Result<i32> {
             metrics,
             out,
             smooth,
-        } => plot::run(&metrics, &out, smooth),
+        } => {
+            for m in &metrics {
+                must_exist(m, "metrics file")?;
+            }
+            plot::run(&metrics, &out, smooth)
+        }
         Command::Data { what } => data::run(what),
         Command::Tokenizer { what } => tokenizer::run(what),
         Command::Bench { what } => bench::run(what),
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => {
+            must_exist(&args.ckpt, "checkpoint")?;
+            generate::run(args)
+        }
         Command::Export {
             ckpt,
             hf,
@@ -256,6 +267,7 @@ pub fn dispatch(command: Command) -> Result<i32> {
             max_shard_size,
             tokenizer,
         } => {
+            must_exist(&ckpt, "checkpoint")?;
             let dtype = match dtype.as_str() {
                 "f32" | "float32" => candle_core::DType::F32,
                 "bf16" | "bfloat16" => candle_core::DType::BF16,
@@ -276,5 +288,18 @@ pub fn dispatch(command: Command) -> Result<i32> {
             };
             export::run(&ckpt, &hf, &opts)
         }
+    }
+}
+
+/// A file named on the command line that is not there is a usage error (exit 2), said before
+/// any work starts.
+fn must_exist(path: &std::path::Path, what: &str) -> crate::error::Result<()> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(crate::Error::usage(format!(
+            "no such {what}: {} (check the path; it is read from the working directory)",
+            path.display()
+        )))
     }
 }
