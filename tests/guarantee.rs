@@ -366,6 +366,24 @@ fn divergence_keeps_good_checkpoint_and_writes_diverged_beside_it() {
     assert_eq!(good["reason"], "manual");
     let div = d.join("ckpt/full_model.diverged.ckpt");
     assert_eq!(ckpt_meta(&div)["reason"], "diverged");
+    assert!(
+        err.contains("was not overwritten with the diverged state"),
+        "{err}"
+    );
+
+    // Diverging before any save: no regular checkpoint, and the closing line says so.
+    let d = Dir::new();
+    let mut r = setup(&d);
+    r.push_str(
+        "session.lr = 1e30\nfor step in session:steps(50) do session:step(train:next()) end\n",
+    );
+    d.write("r.lua", &r);
+    let o = d.run("r.lua", &[]);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(!d.ckpt().exists());
+    assert!(d.join("ckpt/full_model.diverged.ckpt").exists());
+    assert!(err.contains("no regular checkpoint was written"), "{err}");
 }
 
 #[test]

@@ -180,10 +180,16 @@ fn save_final(lua: &Lua, ctx: &SharedContext, ending: &Ending, code: i32) -> i32
         Err(p) => p.into_inner(),
     };
     if ctx.diverged {
-        crate::errln!(
-            "wick: {} was not overwritten with the diverged state",
-            ctx.opts.ckpt_path.display()
-        );
+        if ctx.opts.ckpt_path.exists() {
+            crate::errln!(
+                "wick: {} was not overwritten with the diverged state",
+                ctx.opts.ckpt_path.display()
+            );
+        } else {
+            crate::errln!(
+                "wick: no regular checkpoint was written: the run diverged before one was saved (--save-every N keeps earlier steps)"
+            );
+        }
         return code;
     }
     super::metrics::flush(&mut ctx);
