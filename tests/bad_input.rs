@@ -411,6 +411,20 @@ fn a_data_path_that_exists_beside_the_recipe_is_pointed_out() {
     );
     let o = d.run("proj/scripts/r.lua", &[]);
     let root = std::fs::canonicalize(d.join("proj")).unwrap();
+    // The same for a tokenizer file.
+    d.write("proj/tok.json", "{}");
+    d.write(
+        "proj/scripts/t.lua",
+        "local t = wick.tokenizer.load('tok.json')\n",
+    );
+    let t = d.run("proj/scripts/t.lua", &[]);
+    assert_clean_failure(
+        &t,
+        &[
+            "t.lua:1",
+            &format!("{} exists", root.join("tok.json").display()),
+        ],
+    );
     assert_clean_failure(
         &o,
         &[

@@ -37,11 +37,16 @@ pub fn tokenizer_table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set(
         "load",
-        lua.create_function(|_, path: String| {
+        lua.create_function(|lua, path: String| {
             check_stop()?;
             Tokenizer::load(Path::new(&path))
                 .map(|t| TokenizerHandle(Arc::new(t)))
-                .map_err(mlua::Error::runtime)
+                .map_err(|e| {
+                    mlua::Error::runtime(format!(
+                        "{e}{}",
+                        beside_the_recipe(lua, std::slice::from_ref(&path))
+                    ))
+                })
         })?,
     )?;
     Ok(t)
@@ -277,7 +282,7 @@ fn on_bad(o: &Opts, key: &str) -> mlua::Result<OnBad> {
 /// Data paths are read from the working directory; a recipe started from elsewhere
 /// (`wick run ~/proj/scripts/train.lua` from home) misses them. When a missing relative path
 /// exists beside the recipe or a little above it (the project's root), say where.
-fn beside_the_recipe(lua: &Lua, paths: &[String]) -> String {
+pub(crate) fn beside_the_recipe(lua: &Lua, paths: &[String]) -> String {
     let Some(recipe) = context(lua)
         .ok()
         .and_then(|c| lock(&c).opts.recipe.clone())
@@ -708,8 +713,12 @@ fn shards(lua: &Lua, options: Value) -> mlua::Result<Value> {
             "wick.data.shards takes one directory: wick.data.shards{ \"shards/train\" }",
         ));
     };
-    let (index, files) = crate::data::shards::shard_files(Path::new(dir))
-        .map_err(|e| mlua::Error::runtime(format!("wick.data.shards: {e}")))?;
+    let (index, files) = crate::data::shards::shard_files(Path::new(dir)).map_err(|e| {
+        mlua::Error::runtime(format!(
+            "wick.data.shards: {e}{}",
+            beside_the_recipe(lua, std::slice::from_ref(dir))
+        ))
+    })?;
     let (subsets, seed) = subsets_and_seed(lua, &o)?;
     let base = SourceSpec {
         files,

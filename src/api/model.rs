@@ -44,7 +44,12 @@ fn from_hf(lua: &Lua, dir: &str, o: &Opts) -> mlua::Result<ModelHandle> {
         }
     }
     let path = std::path::Path::new(dir);
-    let mut config = crate::model::hf::read_config(path).map_err(crate::Error::usage)?;
+    let mut config = crate::model::hf::read_config(path).map_err(|e| {
+        crate::Error::usage(format!(
+            "{e}{}",
+            super::data::beside_the_recipe(lua, &[dir.to_string()])
+        ))
+    })?;
     if let Some(n) = o.usize("seq_len")? {
         config.seq_len = n;
     }
