@@ -146,8 +146,16 @@ pub fn parse_lua_memory(s: &str) -> std::result::Result<usize, String> {
 
 /// Read a recipe, allowing a `#!` line (kept as a comment so line numbers stay right).
 pub fn read_recipe(path: &Path) -> Result<String> {
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| Error::usage(format!("cannot read recipe {}: {e}", path.display())))?;
+    let src = if path == Path::new("-") {
+        // `wick run -`: the recipe on stdin (a heredoc, a generated script).
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Error::usage(format!("cannot read the recipe from stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| Error::usage(format!("cannot read recipe {}: {e}", path.display())))?
+    };
     Ok(if src.starts_with("#!") {
         format!("--{src}")
     } else {

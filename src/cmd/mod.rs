@@ -67,6 +67,7 @@ pub struct RunArgs {
 pub enum Command {
     /// Run a recipe: wick run RECIPE.lua [-- ARGS...]
     Run {
+        /// The recipe file (`-`: read it from stdin).
         recipe: PathBuf,
         #[command(flatten)]
         common: RunArgs,

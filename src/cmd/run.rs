@@ -9,7 +9,12 @@ pub fn run(recipe: &Path, mut spec: RunSpec) -> Result<i32> {
     let src = setup::read_recipe(recipe)?;
     spec.recipe = Some((recipe.to_path_buf(), src.clone()));
     let run = setup::open(&spec)?;
-    let (ending, _) = guard::run_chunk(&run.lua, &format!("@{}", recipe.display()), &src);
+    let chunk = if recipe == Path::new("-") {
+        "=stdin".to_string()
+    } else {
+        format!("@{}", recipe.display())
+    };
+    let (ending, _) = guard::run_chunk(&run.lua, &chunk, &src);
     Ok(guard::finalize(&run.lua, &run.ctx, &ending))
 }
 
