@@ -324,3 +324,32 @@ fn a_local_from_an_earlier_line_gets_a_hint() {
     assert!(err.contains("hint: `local f` on an earlier line"), "{err}");
     assert_eq!(err.matches("hint:").count(), 2, "none for 'other': {err}");
 }
+
+/// `:help` lists the API by owner, one line each, and `:help NAME` shows one entry.
+#[test]
+fn help_lists_the_api_by_owner() {
+    let d = Dir::new();
+    let mut child = Command::new(wick_bin())
+        .current_dir(d.path())
+        .args(["repl", "--ckpt-dir"])
+        .arg(d.join("ckpt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b":help\n:help wick.data.loader\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = stdout(&o);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(out.contains("\n  wick.data: jsonl text files"), "{out}");
+    assert!(out.contains("\n  Session: step eval steps\n"), "{out}");
+    assert!(out.lines().all(|l| l.len() < 300), "{out}");
+    assert!(out.contains("wick.data.loader(opts)"), "{out}");
+}

@@ -40,6 +40,26 @@ pub struct Repl {
     line_locals: Mutex<std::collections::BTreeSet<String>>,
 }
 
+/// `:help`'s topic list, one line per owner in first-seen order: `  wick.data: jsonl text ...`,
+/// `  Session: step eval steps` (methods), `  wick.Session: lr global_step ...` (fields).
+fn topic_lines(topics: &[String]) -> Vec<String> {
+    let mut owners: Vec<(String, Vec<String>)> = Vec::new();
+    for t in topics {
+        let Some(cut) = t.rfind([':', '.']) else {
+            continue;
+        };
+        let (owner, name) = (&t[..cut], &t[cut + 1..]);
+        match owners.iter_mut().find(|(o, _)| o == owner) {
+            Some((_, names)) => names.push(name.to_string()),
+            None => owners.push((owner.to_string(), vec![name.to_string()])),
+        }
+    }
+    owners
+        .into_iter()
+        .map(|(owner, names)| format!("  {owner}: {}", names.join(" ")))
+        .collect()
+}
+
 /// The names a chunk declares with `local NAME, ...` or `local function NAME` at the start of
 /// one of its lines.
 fn declared_locals(input: &str) -> Vec<String> {
@@ -184,10 +204,10 @@ impl Repl {
             ":help" | ":h" => {
                 if arg.is_empty() {
                     self.out("commands: :help [name]  :load FILE  :save [PATH]  :time EXPR  :reset  :quit");
-                    self.out(&format!(
-                        "API (:help NAME for details): {}",
-                        crate::api::docs::topics().join(", ")
-                    ));
+                    self.out("API (:help NAME for details, e.g. :help wick.data.loader):");
+                    for line in topic_lines(&crate::api::docs::topics()) {
+                        self.out(&line);
+                    }
                 } else {
                     match crate::api::docs::help(arg) {
                         Some(t) => self.out(&t),
