@@ -488,3 +488,34 @@ fn a_recipe_can_come_from_stdin() {
     let o = run("local x = 1\nerror('boom')\n");
     assert_clean_failure(&o, &["stdin:2: boom"]);
 }
+
+/// `wick export` never writes into a directory that holds someone else's files (a project
+/// root, another model): exit 2, nothing touched. A new directory, or an earlier export's, is
+/// fine.
+#[test]
+fn export_refuses_a_directory_with_other_files() {
+    let d = Dir::new();
+    d.write(
+        "r.lua",
+        "local m = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }\nlocal s = wick.session{ model = m }\ns:step(wick.data.batch{ {1, 2, 3, 4, 5, 6, 7, 8, 9} })\n",
+    );
+    assert_eq!(code(&d.run("r.lua", &[])), 0);
+    let export = |dir: &str| {
+        std::process::Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["export", "ckpt/full_model.ckpt", "--hf", dir])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(code(&export("hf")), 0);
+    assert_eq!(code(&export("hf")), 0, "an earlier export's directory");
+    d.write("proj/config.json", "{\"mine\": true}");
+    d.write("proj/README.md", "my project");
+    let o = export("proj");
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("README.md"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(d.join("proj/config.json")).unwrap(),
+        "{\"mine\": true}"
+    );
+}

@@ -19,8 +19,42 @@ pub struct ExportOptions {
 }
 
 pub fn run(ckpt: &Path, out: &Path, opts: &ExportOptions) -> crate::Result<i32> {
+    refuse_foreign_files(out).map_err(crate::Error::usage)?;
     export_hf(ckpt, out, opts)?;
     Ok(crate::error::exit::OK)
+}
+
+/// An export writes config.json, tokenizer.json, model*.safetensors, ... into `out`: into a
+/// directory that holds other files (a project's root, another model), that would overwrite
+/// someone's config.json or mix two models' shards. Such a directory is refused; an empty one,
+/// a new one, or an earlier export's is fine.
+fn refuse_foreign_files(out: &Path) -> Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(()); // not there yet (or not a directory: creating it says why)
+    };
+    let ours = |name: &str| {
+        matches!(
+            name,
+            "config.json"
+                | "generation_config.json"
+                | "tokenizer.json"
+                | "tokenizer_config.json"
+                | "model.safetensors.index.json"
+        ) || (name.starts_with("model") && name.ends_with(".safetensors"))
+    };
+    let foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !ours(n))
+        .collect();
+    match foreign.first() {
+        None => Ok(()),
+        Some(f) => Err(format!(
+            "{} already holds files that are not an export's ({f}{}): export into a new or empty directory",
+            out.display(),
+            if foreign.len() > 1 { ", ..." } else { "" }
+        )),
+    }
 }
 
 /// Write a file with the process's umask (as any tool would), never 0600.
