@@ -235,8 +235,15 @@ pub fn open(spec: &RunSpec) -> Result<Run> {
     if let Some(c) = resume.as_ref().filter(|c| c.meta.world_size != group.size) {
         if !quiet {
             progress::warn(&format!(
-                "the checkpoint was written by {} rank(s) and this run has {}: the data cursor is global, so training continues on the same data in the same order; each rank now trains on 1/{} of every batch",
-                c.meta.world_size, group.size, group.size
+                "the checkpoint was written by {} rank(s) and this run has {}: the data cursor is global, so training continues on the same data in the same order; each rank now trains on 1/{} of every batch{}",
+                c.meta.world_size,
+                group.size,
+                group.size,
+                if c.meta.world_size.max(group.size) <= 2 {
+                    " (between 1 and 2 ranks the numbers stay bit for bit the same)"
+                } else {
+                    " (sums over the batch are now taken in another order, so the numbers drift apart in the last bits)"
+                }
             ));
         }
     }

@@ -232,13 +232,17 @@ impl Llama {
 
     /// Loss and named gradients of one batch of windows (batch rows of `width` tokens), on the
     /// hand-written CPU path.
+    /// `halves`: sum over the batch's rows in two halves, as a run of one process does so that
+    /// it trains bit for bit like a 2-rank data-parallel run (see `cpu::ops::Reduce`); a rank
+    /// of a data-parallel run sums its rows whole.
     pub fn cpu_loss_and_grads(
         &self,
         tokens: &[u32],
         batch: usize,
         width: usize,
+        halves: bool,
     ) -> Result<cpu::step::StepResult> {
-        cpu::step::loss_and_grads(self, tokens, batch, width)
+        cpu::step::loss_and_grads(self, tokens, batch, width, halves)
     }
 
     /// Mean next-token loss of windows (batch rows of `width` tokens), building no graph.
@@ -614,7 +618,7 @@ mod tests {
             let mut m = Llama::new(c, 9, &Device::Cpu).unwrap();
             assert!(m.has_cpu_step());
             let fast_eval = m.eval_loss(&tokens, 3, 9).unwrap();
-            let step = m.cpu_loss_and_grads(&tokens, 3, 9).unwrap();
+            let step = m.cpu_loss_and_grads(&tokens, 3, 9, true).unwrap();
             assert_eq!(fast_eval.to_bits(), step.loss.to_bits(), "eval vs step");
             let fast_logits = m.logits(&tokens[..8], 8).unwrap();
             let fast_last = m.logits(&tokens[..8], 1).unwrap();

@@ -410,7 +410,9 @@ mod tests {
             let tokens: Vec<u32> = (0..batch * width)
                 .map(|_| (rng.next_f64() * vocab as f64) as u32 % vocab as u32)
                 .collect();
-            let want = model.cpu_loss_and_grads(&tokens, batch, width).unwrap();
+            let want = model
+                .cpu_loss_and_grads(&tokens, batch, width, true)
+                .unwrap();
             let got = loss_and_grads(&model, &tokens, batch, width).unwrap();
             let shape = format!("dim {dim} heads {heads}/{kv}");
             assert!(

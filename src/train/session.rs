@@ -178,9 +178,12 @@ impl Session {
         };
         let (mut loss_value, mut grads, t1) = if self.model.has_cpu_step() {
             // Forward and backward in one hand-written pass (see model/cpu_step.rs).
-            let r = self
-                .model
-                .cpu_loss_and_grads(&windows.tokens, windows.batch, windows.width)?;
+            let r = self.model.cpu_loss_and_grads(
+                &windows.tokens,
+                windows.batch,
+                windows.width,
+                crate::dist::group().size == 1,
+            )?;
             (r.loss, r.grads, r.forward_done)
         } else if self.model.uses_tensor_step() {
             // Forward and backward written out over tensors, no autograd graph.

@@ -196,6 +196,7 @@ fn prefill(model: &Llama, cache: &mut KvCache, window: &[u32]) -> Result<Vec<f32
         // Sampling multiplies in f32 whatever the training precision: one row at a time gains
         // nothing from tiles.
         precision: Precision::F32,
+        reduce: super::ops::Reduce::Whole,
     };
     let mut x = zeros(n * g.dim);
     for (row, &id) in x.chunks_mut(g.dim).zip(window) {

@@ -6,7 +6,7 @@ use super::kernels::{swiglu, swiglu_backward};
 use super::matmul::Precision;
 use super::ops::{
     add_in_place, linear, linear_dw, linear_dw_shared, linear_dx, linear_dx_add, linear_shared,
-    rmsnorm, rmsnorm_backward, rope_in_place, zeros, ROWS,
+    rmsnorm, rmsnorm_backward, rope_in_place, zeros, Reduce, ROWS,
 };
 use super::weights::{LayerGrads, LayerWeights};
 use super::Dims;
@@ -22,6 +22,8 @@ pub struct Pass<'a> {
     pub scale: f32,
     /// How the products multiply: with the weight matrices and attention's, per head.
     pub precision: Precision,
+    /// How sums over the batch's rows are taken (weight and norm-weight gradients).
+    pub reduce: Reduce,
 }
 
 /// What the backward pass needs from one block's forward.
@@ -150,7 +152,7 @@ fn feed_forward_backward(
     dx: &mut [f32],
 ) -> FfnGrads {
     let (n, c, f) = (p.g.tokens, p.g.dim, p.g.hidden);
-    let dw2 = linear_dw(dx, &a.act, (n, f, c), p.precision);
+    let dw2 = linear_dw(dx, &a.act, (n, f, c), p.precision, p.reduce);
     let mut dgate = linear_dx(dx, w.w2, (n, f, c), p.precision); // (N, F): d(act), then d(gate)
     let mut dup = std::mem::take(&mut a.up); // (N, F): up, then d(up) in place
     dgate
@@ -158,13 +160,28 @@ fn feed_forward_backward(
         .zip(dup.par_chunks_mut(f * ROWS))
         .zip(a.gate.par_chunks(f * ROWS))
         .for_each(|((da, u), gt)| swiglu_backward(da, u, gt));
-    let dw13 = linear_dw_shared(&[(&dgate, f), (&dup, f)], &a.h2, (n, c), p.precision);
+    let dw13 = linear_dw_shared(
+        &[(&dgate, f), (&dup, f)],
+        &a.h2,
+        (n, c),
+        p.precision,
+        p.reduce,
+    );
     let [dw1, dw3]: [Vec<f32>; 2] = dw13.try_into().expect("two products");
     let mut dh2 = linear_dx(&dgate, w.w1, (n, c, f), p.precision);
     linear_dx_add(&mut dh2, &dup, w.w3, (n, c, f), p.precision);
     let mut d_norm = vec![0f32; c];
     // The residual passes d(x_out) to x_mid unchanged, plus the norm's share.
-    rmsnorm_backward(dx, &mut d_norm, &dh2, &a.x_mid, &a.rstd2, w.ffn_norm, c);
+    rmsnorm_backward(
+        dx,
+        &mut d_norm,
+        &dh2,
+        &a.x_mid,
+        &a.rstd2,
+        w.ffn_norm,
+        c,
+        p.reduce,
+    );
     (dw1, dw2, dw3, d_norm)
 }
 
@@ -175,7 +192,7 @@ type AttentionGrads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 fn attention_backward(p: &Pass, w: &LayerWeights, a: LayerActs, dx: &mut [f32]) -> AttentionGrads {
     let g = &p.g;
     let (n, c, kvc) = (g.tokens, g.dim, g.kv_dim());
-    let dwo = linear_dw(dx, &a.y, (n, c, c), p.precision);
+    let dwo = linear_dw(dx, &a.y, (n, c, c), p.precision, p.reduce);
     let dy = linear_dx(dx, w.wo, (n, c, c), p.precision); // (N, C)
     let mut dq = zeros(n * c);
     let mut dk = zeros(n * kvc);
@@ -217,12 +234,22 @@ fn attention_backward(p: &Pass, w: &LayerWeights, a: LayerActs, dx: &mut [f32]) 
         &a.h1,
         (n, c),
         p.precision,
+        p.reduce,
     );
     let [dwq, dwk, dwv]: [Vec<f32>; 3] = dwqkv.try_into().expect("three products");
     let mut dh1 = linear_dx(&dq, w.wq, (n, c, c), p.precision);
     linear_dx_add(&mut dh1, &dk, w.wk, (n, c, kvc), p.precision);
     linear_dx_add(&mut dh1, &dv, w.wv, (n, c, kvc), p.precision);
     let mut d_norm = vec![0f32; c];
-    rmsnorm_backward(dx, &mut d_norm, &dh1, &a.x_in, &a.rstd1, w.attn_norm, c);
+    rmsnorm_backward(
+        dx,
+        &mut d_norm,
+        &dh1,
+        &a.x_in,
+        &a.rstd1,
+        w.attn_norm,
+        c,
+        p.reduce,
+    );
     (dwq, dwk, dwv, dwo, d_norm)
 }

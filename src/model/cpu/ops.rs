@@ -15,6 +15,28 @@ pub const ROWS: usize = 32;
 /// (rows, inp, out) of a product with a weight matrix (out×inp as stored).
 pub type Shape = (usize, usize, usize);
 
+/// How a sum over the batch's rows (a weight gradient, a norm weight's gradient) is taken:
+/// whole, or as (first half of the rows) + (second half). A run of one process sums in halves,
+/// so that it adds the same two numbers as a 2-rank data-parallel run whose ranks each sum their
+/// half and whose all-reduce adds the two (a + b = b + a): the two runs then train bit for bit
+/// alike. Each rank of a data-parallel run sums its rows whole.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reduce {
+    Whole,
+    Halves,
+}
+
+impl Reduce {
+    /// Halves for `rows` rows of `batch` sequences when the batch splits into two equal halves.
+    pub fn for_batch(halves: bool, batch: usize) -> Reduce {
+        if halves && batch >= 2 && batch.is_multiple_of(2) {
+            Reduce::Halves
+        } else {
+            Reduce::Whole
+        }
+    }
+}
+
 /// y (rows×out) = x (rows×inp) · wᵀ, w being (out×inp) as stored.
 pub fn linear(x: &[f32], w: &[f32], (rows, inp, out): Shape, p: Precision) -> Vec<f32> {
     matmul_new((x, inp, 1), (w, 1, inp), (rows, out, inp), p)
@@ -33,15 +55,32 @@ pub fn linear_shared(
 }
 
 /// dw_i (out_i×inp) = dy_iᵀ · x for every (dy_i, out_i): the weight gradients of weights that
-/// read one input, the input packed once.
+/// read one input, the input packed once; summed over the rows as `r` says.
 pub fn linear_dw_shared(
     dys: &[(&[f32], usize)],
     x: &[f32],
     (rows, inp): (usize, usize),
     p: Precision,
+    r: Reduce,
 ) -> Vec<Vec<f32>> {
-    let a_s: Vec<_> = dys.iter().map(|&(dy, out)| ((dy, 1, out), out)).collect();
-    matmul_new_shared_b((x, inp, 1), (inp, rows), &a_s, p)
+    let whole = |dys: &[(&[f32], usize)], x: &[f32], rows: usize| {
+        let a_s: Vec<_> = dys.iter().map(|&(dy, out)| ((dy, 1, out), out)).collect();
+        matmul_new_shared_b((x, inp, 1), (inp, rows), &a_s, p)
+    };
+    match r {
+        Reduce::Whole => whole(dys, x, rows),
+        Reduce::Halves => {
+            let h = rows / 2;
+            let first: Vec<_> = dys.iter().map(|&(dy, o)| (&dy[..h * o], o)).collect();
+            let second: Vec<_> = dys.iter().map(|&(dy, o)| (&dy[h * o..], o)).collect();
+            let mut sums = whole(&first, &x[..h * inp], h);
+            let rest = whole(&second, &x[h * inp..], rows - h);
+            for (a, b) in sums.iter_mut().zip(&rest) {
+                add_in_place(a, b);
+            }
+            sums
+        }
+    }
 }
 
 /// dx (rows×inp) = dy (rows×out) · w.
@@ -63,9 +102,26 @@ pub fn linear_dx_add(dx: &mut [f32], dy: &[f32], w: &[f32], (rows, inp, out): Sh
     );
 }
 
-/// dw (out×inp) = dyᵀ · x.
-pub fn linear_dw(dy: &[f32], x: &[f32], (rows, inp, out): Shape, p: Precision) -> Vec<f32> {
-    matmul_new((dy, 1, out), (x, inp, 1), (out, inp, rows), p)
+/// dw (out×inp) = dyᵀ · x, summed over the rows as `r` says.
+pub fn linear_dw(
+    dy: &[f32],
+    x: &[f32],
+    (rows, inp, out): Shape,
+    p: Precision,
+    r: Reduce,
+) -> Vec<f32> {
+    let whole = |dy: &[f32], x: &[f32], rows: usize| {
+        matmul_new((dy, 1, out), (x, inp, 1), (out, inp, rows), p)
+    };
+    match r {
+        Reduce::Whole => whole(dy, x, rows),
+        Reduce::Halves => {
+            let h = rows / 2;
+            let mut sum = whole(&dy[..h * out], &x[..h * inp], h);
+            add_in_place(&mut sum, &whole(&dy[h * out..], &x[h * inp..], rows - h));
+            sum
+        }
+    }
 }
 
 /// RMSNorm forward: out = x · rstd · w per row; rstd saved for the backward.
@@ -81,7 +137,34 @@ pub fn rmsnorm(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: usize
 }
 
 /// RMSNorm backward: dx += rstd·(w·dy − x̂·mean(w·dy·x̂)), dw = Σ dy·x̂ (x̂ = x·rstd).
+#[allow(clippy::too_many_arguments)] // the backward's inputs, outputs and how to sum
 pub fn rmsnorm_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    c: usize,
+    r: Reduce,
+) {
+    match r {
+        Reduce::Whole => rmsnorm_backward_rows(dx, dw, dy, x, rstd, w, c),
+        Reduce::Halves => {
+            let h = rstd.len() / 2;
+            let (dx0, dx1) = dx.split_at_mut(h * c);
+            let mut rest = vec![0f32; c];
+            rmsnorm_backward_rows(dx0, dw, &dy[..h * c], &x[..h * c], &rstd[..h], w, c);
+            rmsnorm_backward_rows(dx1, &mut rest, &dy[h * c..], &x[h * c..], &rstd[h..], w, c);
+            for (a, b) in dw.iter_mut().zip(rest) {
+                *a += b;
+            }
+        }
+    }
+}
+
+/// The backward over rows; dw = the sum of fixed 32-row partial sums, in order.
+fn rmsnorm_backward_rows(
     dx: &mut [f32],
     dw: &mut [f32],
     dy: &[f32],

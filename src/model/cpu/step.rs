@@ -4,7 +4,9 @@
 
 use super::kernels::cross_entropy_row;
 use super::layer::{self, Pass};
-use super::ops::{linear, linear_dw, linear_dx, rmsnorm, rmsnorm_backward, zeros};
+use super::ops::{
+    add_in_place, linear, linear_dw, linear_dx, rmsnorm, rmsnorm_backward, zeros, Reduce,
+};
 use super::weights::{ModelWeights, ParamStorage};
 use super::Dims;
 use crate::model::Llama;
@@ -67,16 +69,25 @@ fn cross_entropy(logits: &mut [f32], targets: &[usize], v: usize) -> f64 {
 
 /// Mean next-token cross-entropy of `tokens` (batch rows of `width` tokens) and the gradient of
 /// every parameter.
+/// `halves`: take the sums over rows as two halves of the batch (a run of one process; see
+/// `Reduce`), or whole (a rank of a data-parallel run).
 pub fn loss_and_grads(
     model: &Llama,
     tokens: &[u32],
     batch: usize,
     width: usize,
+    halves: bool,
 ) -> Result<StepResult> {
-    on_pool(|| step(model, tokens, batch, width))
+    on_pool(|| step(model, tokens, batch, width, halves))
 }
 
-fn step(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<StepResult> {
+fn step(
+    model: &Llama,
+    tokens: &[u32],
+    batch: usize,
+    width: usize,
+    halves: bool,
+) -> Result<StepResult> {
     let cfg = &model.config;
     let g = Dims::new(cfg, batch, width - 1);
     let (n, c, v) = (g.tokens, g.dim, g.vocab);
@@ -89,6 +100,7 @@ fn step(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<Ste
         eps: cfg.norm_eps as f32,
         scale: 1.0 / (g.head_dim as f32).sqrt(),
         precision: model.cpu_precision(),
+        reduce: Reduce::for_batch(halves, batch),
     };
     let (inputs, targets) = inputs_and_targets(tokens, &g, width)?;
 
@@ -108,12 +120,45 @@ fn step(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<Ste
 
     // ---- backward ----
     let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    let d_head = linear_dw(&dlogits, &hf, (n, c, v), pass.precision); // (V, C)
+    // Tied, the head's gradient and the embedding rows' add into one tensor: with halves, each
+    // half's are added first (as a rank adds its own), so the head's halves stay apart here.
+    let head_reduce = if w.tied { Reduce::Whole } else { pass.reduce };
+    let rows = |r: std::ops::Range<usize>| (r.start * v..r.end * v, r.start * c..r.end * c);
+    let head_parts: Vec<(Vec<f32>, std::ops::Range<usize>)> =
+        if w.tied && pass.reduce == Reduce::Halves {
+            [0..n / 2, n / 2..n]
+                .into_iter()
+                .map(|r| {
+                    let (lr, hr) = rows(r.clone());
+                    let m = r.len();
+                    let d = linear_dw(
+                        &dlogits[lr],
+                        &hf[hr],
+                        (m, c, v),
+                        pass.precision,
+                        Reduce::Whole,
+                    );
+                    (d, r)
+                })
+                .collect()
+        } else {
+            let d = linear_dw(&dlogits, &hf, (n, c, v), pass.precision, head_reduce); // (V, C)
+            vec![(d, 0..n)]
+        };
     let dhf = linear_dx(&dlogits, w.head, (n, c, v), pass.precision); // (N, C)
     drop(dlogits);
     let mut dx = zeros(n * c); // (N, C) d(residual stream)
     let mut d_norm = vec![0f32; c];
-    rmsnorm_backward(&mut dx, &mut d_norm, &dhf, &x, &rstdf, w.norm, c);
+    rmsnorm_backward(
+        &mut dx,
+        &mut d_norm,
+        &dhf,
+        &x,
+        &rstdf,
+        w.norm,
+        c,
+        pass.reduce,
+    );
     grads.insert("norm.weight".into(), d_norm);
     for (l, lw) in w.layers.iter().enumerate().rev() {
         let a = acts
@@ -121,18 +166,50 @@ fn step(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<Ste
             .ok_or_else(|| candle_core::Error::msg("missing activations"))?;
         grads.extend(layer::backward(&pass, lw, a, &mut dx).named(l));
     }
-    // Embedding rows, in token order (a fixed order: ids repeat).
-    let mut d_emb = if w.tied {
-        d_head
-    } else {
-        grads.insert("output.weight".into(), d_head);
-        zeros(v * c)
-    };
-    for (row, &id) in dx.chunks(c).zip(&inputs) {
-        for (a, b) in d_emb[id * c..(id + 1) * c].iter_mut().zip(row) {
-            *a += b;
+    // Embedding rows, in token order (a fixed order: ids repeat); with halves, each half's
+    // rows on their own, then the halves added (ids the second half touches only).
+    let scatter = |d_emb: &mut [f32], rows: std::ops::Range<usize>| {
+        for (row, &id) in dx[rows.start * c..rows.end * c]
+            .chunks(c)
+            .zip(&inputs[rows.clone()])
+        {
+            for (a, b) in d_emb[id * c..(id + 1) * c].iter_mut().zip(row) {
+                *a += b;
+            }
         }
-    }
+    };
+    let d_emb = if w.tied {
+        let mut parts = head_parts.into_iter();
+        let (mut first, r) = parts
+            .next()
+            .ok_or_else(|| candle_core::Error::msg("no head gradient"))?;
+        scatter(&mut first, r);
+        for (mut part, r) in parts {
+            scatter(&mut part, r);
+            add_in_place(&mut first, &part);
+        }
+        first
+    } else {
+        let (d_head, _) = head_parts
+            .into_iter()
+            .next()
+            .ok_or_else(|| candle_core::Error::msg("no head gradient"))?;
+        grads.insert("output.weight".into(), d_head);
+        let mut d_emb = zeros(v * c);
+        match pass.reduce {
+            Reduce::Whole => scatter(&mut d_emb, 0..n),
+            Reduce::Halves => {
+                scatter(&mut d_emb, 0..n / 2);
+                let second = scatter_sparse(&dx, &inputs, n / 2..n, c);
+                for (id, row) in second {
+                    for (a, b) in d_emb[id * c..(id + 1) * c].iter_mut().zip(row) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+        d_emb
+    };
     grads.insert("tok_embeddings.weight".into(), d_emb);
     drop(w);
     drop(storage);
@@ -154,6 +231,27 @@ fn step(model: &Llama, tokens: &[u32], batch: usize, width: usize) -> Result<Ste
     })
 }
 
+/// The embedding gradient of `rows` alone, for the ids they touch: each id's rows summed in
+/// order from zero, as a rank that trains only these rows sums them.
+fn scatter_sparse(
+    dx: &[f32],
+    inputs: &[usize],
+    rows: std::ops::Range<usize>,
+    c: usize,
+) -> BTreeMap<usize, Vec<f32>> {
+    let mut out: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    for (row, &id) in dx[rows.start * c..rows.end * c]
+        .chunks(c)
+        .zip(&inputs[rows])
+    {
+        let acc = out.entry(id).or_insert_with(|| vec![0.0; c]);
+        for (a, b) in acc.iter_mut().zip(row) {
+            *a += b;
+        }
+    }
+    out
+}
+
 /// Forward only, keeping no activations: the final norm's output (N, C) for `ids` laid out as
 /// `batch` rows of `seq` tokens.
 fn forward_hidden(
@@ -171,6 +269,7 @@ fn forward_hidden(
         eps: cfg.norm_eps as f32,
         scale: 1.0 / (g.head_dim as f32).sqrt(),
         precision: model.cpu_precision(),
+        reduce: Reduce::Whole,
     };
     let mut x = embed(w, ids, g.dim);
     for lw in &w.layers {
@@ -277,7 +376,7 @@ mod tests {
                     ((s >> 33) % 37) as u32
                 })
                 .collect();
-            let fast = loss_and_grads(&model, &tokens, batch, width).unwrap();
+            let fast = loss_and_grads(&model, &tokens, batch, width, true).unwrap();
             model.use_cpu_step = false;
             let input = Tensor::from_slice(&tokens, (batch, width), &Device::Cpu).unwrap();
             let loss = model.loss(&input).unwrap();
@@ -345,8 +444,8 @@ mod tests {
                 .with_compute_dtype(candle_core::DType::BF16);
             assert_eq!(bf16_model.step_path(), "cpu-bf16-amx");
             let tokens = random_tokens(batch * width, vocab, dim as u64);
-            let want = loss_and_grads(&f32_model, &tokens, batch, width).unwrap();
-            let got = loss_and_grads(&bf16_model, &tokens, batch, width).unwrap();
+            let want = loss_and_grads(&f32_model, &tokens, batch, width, true).unwrap();
+            let got = loss_and_grads(&bf16_model, &tokens, batch, width, true).unwrap();
             let shape = format!("dim {dim} heads {heads}/{kv}");
             let mut worst = 0f64;
             assert!(
@@ -385,7 +484,7 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| loss_and_grads(&model, &tokens, 4, 97).unwrap())
+            pool.install(|| loss_and_grads(&model, &tokens, 4, 97, true).unwrap())
         };
         let (one, three) = (run(1), run(3));
         assert_eq!(one.loss.to_bits(), three.loss.to_bits());
