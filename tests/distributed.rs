@@ -604,3 +604,54 @@ fn srun_trains_like_mpirun_and_a_cancelled_job_continues_exactly() {
     assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
     same_as_straight(&job);
 }
+
+/// The same exactness with tied embeddings (the head's gradient and the embedding rows share
+/// one tensor) and an odd number of sequences per rank (batch 6 = 2 × 3), in bf16.
+#[test]
+fn two_ranks_train_what_one_rank_trains_tied_and_in_bf16() {
+    let _job = one_job();
+    let d = Dir::new();
+    let recipe = d.write(
+        "tied.lua",
+        r#"local model = wick.model{ dim = 64, n_layers = 2, n_heads = 4, seq_len = 64, tie_embeddings = true }
+local session = wick.session{ model = model, optim = wick.optim.adamw{ lr = 3e-3, weight_decay = 0.1, clip = 1.0 } }
+local train = wick.data.loader{ source = wick.data.jsonl{ "data/sample/train", shuffle = true }, batch = 6, seq_len = 64 }
+for step in session:steps(12) do session:step(train:next()) end
+"#,
+    );
+    let args = |dir: &std::path::Path| -> Vec<String> {
+        vec![
+            "run".into(),
+            recipe.display().to_string(),
+            "--dtype".into(),
+            "bf16".into(),
+            "--ckpt-dir".into(),
+            dir.display().to_string(),
+        ]
+    };
+    let (one, two) = (d.join("one"), d.join("two"));
+    let o = Command::new(wick_bin())
+        .current_dir(repo_root())
+        .args(args(&one))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = mpirun(2, &strs(&args(&two))).output().unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let (a, b) = (
+        ckpt_tensors(&one.join("full_model.ckpt")),
+        ckpt_tensors(&two.join("full_model.ckpt")),
+    );
+    assert!(
+        a.contains_key("model.tok_embeddings.weight") && !a.contains_key("model.output.weight")
+    );
+    for (name, bytes) in a
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.") || n.starts_with("optim."))
+    {
+        assert!(
+            b[name] == *bytes,
+            "{name} differs between 1 rank and 2 ranks"
+        );
+    }
+}

@@ -121,30 +121,28 @@ fn step(
     // ---- backward ----
     let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     // Tied, the head's gradient and the embedding rows' add into one tensor: with halves, each
-    // half's are added first (as a rank adds its own), so the head's halves stay apart here.
-    let head_reduce = if w.tied { Reduce::Whole } else { pass.reduce };
-    let rows = |r: std::ops::Range<usize>| (r.start * v..r.end * v, r.start * c..r.end * c);
-    let head_parts: Vec<(Vec<f32>, std::ops::Range<usize>)> =
-        if w.tied && pass.reduce == Reduce::Halves {
-            [0..n / 2, n / 2..n]
-                .into_iter()
-                .map(|r| {
-                    let (lr, hr) = rows(r.clone());
-                    let m = r.len();
-                    let d = linear_dw(
-                        &dlogits[lr],
-                        &hf[hr],
-                        (m, c, v),
-                        pass.precision,
-                        Reduce::Whole,
-                    );
-                    (d, r)
-                })
-                .collect()
-        } else {
-            let d = linear_dw(&dlogits, &hf, (n, c, v), pass.precision, head_reduce); // (V, C)
-            vec![(d, 0..n)]
-        };
+    // half's head gradient meets that half's rows before the halves are added (as a rank adds
+    // its own), so the head is taken per half here; untied, as `pass.reduce` says.
+    let whole = std::iter::once(0..n).collect::<Vec<_>>();
+    let (head_spans, head_reduce) = match (w.tied, pass.reduce) {
+        (true, Reduce::Halves) => (vec![0..n / 2, n / 2..n], Reduce::Whole),
+        (true, Reduce::Whole) => (whole, Reduce::Whole),
+        (false, r) => (whole, r),
+    };
+    let head_parts: Vec<(Vec<f32>, std::ops::Range<usize>)> = head_spans
+        .into_iter()
+        .map(|r| {
+            let (lo, hi) = (r.start, r.end);
+            let d = linear_dw(
+                &dlogits[lo * v..hi * v],
+                &hf[lo * c..hi * c],
+                (hi - lo, c, v),
+                pass.precision,
+                head_reduce,
+            ); // (V, C)
+            (d, r)
+        })
+        .collect();
     let dhf = linear_dx(&dlogits, w.head, (n, c, v), pass.precision); // (N, C)
     drop(dlogits);
     let mut dx = zeros(n * c); // (N, C) d(residual stream)
