@@ -465,23 +465,7 @@ fn tools_given_a_missing_file_exit_2_naming_it() {
 #[test]
 fn a_recipe_can_come_from_stdin() {
     let d = Dir::new();
-    let run = |src: &str| {
-        let mut child = d
-            .run_cmd("-", &[])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(src.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let run = |src: &str| output_with_stdin(&mut d.run_cmd("-", &[]), src.as_bytes());
     let o = run("print('from stdin', 1 + 1)\n");
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(stdout(&o), "from stdin\t2\n");

@@ -179,23 +179,13 @@ fn piped_stdin_evaluates_without_prompts() {
     let d = Dir::new();
     d.corpus("data.jsonl", 50);
     let input = format!("1 + 1\nfor i = 1, 2 do\nprint('p' .. i)\nend\n{SETUP}\nsession:step(train:next()) > 0\nnot_defined.x\n'still here'\n");
-    let mut child = Command::new(wick_bin())
-        .current_dir(d.path())
-        .args(["repl", "--ckpt-dir"])
-        .arg(d.join("ckpt"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = output_with_stdin(
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["repl", "--ckpt-dir"])
+            .arg(d.join("ckpt")),
+        input.as_bytes(),
+    );
     let out = stdout(&o);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(out, "2\np1\np2\ntrue\nstill here\n", "{}", stderr(&o));
@@ -208,24 +198,15 @@ fn piped_stdin_evaluates_without_prompts() {
     assert!(!stderr(&o).contains("\x1b["), "no colours when piped");
     assert_eq!(ckpt_meta(&d.ckpt())["reason"], "repl-exit");
     // --resume gives `model` and `session` back.
-    let mut child = Command::new(wick_bin())
-        .current_dir(d.path())
-        .args(["repl", "--ckpt-dir"])
-        .arg(d.join("ckpt2"))
-        .arg("--resume")
-        .arg(d.ckpt())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"session.global_step\nmodel.params\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = output_with_stdin(
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["repl", "--ckpt-dir"])
+            .arg(d.join("ckpt2"))
+            .arg("--resume")
+            .arg(d.ckpt()),
+        b"session.global_step\nmodel.params\n",
+    );
     assert_eq!(stdout(&o), "1\n12368\n", "{}", stderr(&o));
 }
 
@@ -257,23 +238,13 @@ fn commands_load_save_time_reset_quit() {
         &format!("{SETUP}\nsession:step(train:next())\n"),
     );
     let input = ":load setup.lua\nsession.global_step\n:time 1 + 1\n:save saved.ckpt\n:reset\nsession\n:bogus\n:quit\nprint('not reached')\n";
-    let mut child = Command::new(wick_bin())
-        .current_dir(d.path())
-        .args(["repl", "--ckpt-dir"])
-        .arg(d.join("ckpt"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = output_with_stdin(
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["repl", "--ckpt-dir"])
+            .arg(d.join("ckpt")),
+        input.as_bytes(),
+    );
     let out = stdout(&o);
     let err = stderr(&o);
     assert_eq!(code(&o), 0, "{err}");
@@ -301,23 +272,13 @@ fn a_local_from_an_earlier_line_gets_a_hint() {
     let d = Dir::new();
     let input =
         "local m, n = 1, 2\nlocal function f() return 1 end\nprint(m + 1)\nf()\nprint(other.x)\n";
-    let mut child = Command::new(wick_bin())
-        .current_dir(d.path())
-        .args(["repl", "--ckpt-dir"])
-        .arg(d.join("ckpt"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = output_with_stdin(
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["repl", "--ckpt-dir"])
+            .arg(d.join("ckpt")),
+        input.as_bytes(),
+    );
     let err = stderr(&o);
     assert_eq!(code(&o), 0, "{err}");
     assert!(err.contains("hint: `local m` on an earlier line"), "{err}");
@@ -329,23 +290,13 @@ fn a_local_from_an_earlier_line_gets_a_hint() {
 #[test]
 fn help_lists_the_api_by_owner() {
     let d = Dir::new();
-    let mut child = Command::new(wick_bin())
-        .current_dir(d.path())
-        .args(["repl", "--ckpt-dir"])
-        .arg(d.join("ckpt"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b":help\n:help wick.data.loader\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = output_with_stdin(
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["repl", "--ckpt-dir"])
+            .arg(d.join("ckpt")),
+        b":help\n:help wick.data.loader\n",
+    );
     let out = stdout(&o);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(out.contains("\n  wick.data: jsonl text files"), "{out}");

@@ -167,6 +167,21 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
     None
 }
 
+/// Run `cmd` with `input` on its stdin (then closed), collecting stdout and stderr.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wick");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for wick")
+}
+
 /// Spawn with stderr to a file (readable while the process runs).
 pub fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
     let f = std::fs::File::create(log).unwrap();

@@ -68,8 +68,7 @@ fn cross_entropy(logits: &mut [f32], targets: &[usize], v: usize) -> f64 {
 }
 
 /// Mean next-token cross-entropy of `tokens` (batch rows of `width` tokens) and the gradient of
-/// every parameter.
-/// `halves`: take the sums over rows as two halves of the batch (a run of one process; see
+/// every parameter. `halves`: take the sums over rows as two halves of the batch (a run of one process; see
 /// `Reduce`), or whole (a rank of a data-parallel run).
 pub fn loss_and_grads(
     model: &Llama,
