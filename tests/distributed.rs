@@ -92,6 +92,36 @@ fn step_losses(ckpt_dir: &std::path::Path) -> BTreeMap<u64, f64> {
         .collect()
 }
 
+/// Assert that the checkpoints in two run directories hold the same bytes in every tensor whose
+/// name starts with one of `prefixes` ("" for all); returns how many tensors were compared.
+fn assert_same_tensors(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    prefixes: &[&str],
+    what: &str,
+) -> usize {
+    let (ta, tb) = (
+        ckpt_tensors(&a.join("full_model.ckpt")),
+        ckpt_tensors(&b.join("full_model.ckpt")),
+    );
+    let mut compared = 0;
+    for (name, bytes) in ta
+        .iter()
+        .filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p)))
+    {
+        let (x, y) = (floats(bytes), floats(&tb[name]));
+        let differing = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+        assert_eq!(
+            differing,
+            0,
+            "{name}: {differing} of {} values differ {what}",
+            x.len()
+        );
+        compared += 1;
+    }
+    compared
+}
+
 fn floats(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)
@@ -135,25 +165,7 @@ fn two_ranks_train_what_one_rank_trains() {
             "step {step}: {la} vs {lb}"
         );
     }
-    let (ta, tb) = (
-        ckpt_tensors(&one.join("full_model.ckpt")),
-        ckpt_tensors(&two.join("full_model.ckpt")),
-    );
-    let mut compared = 0;
-    for (name, bytes) in ta
-        .iter()
-        .filter(|(n, _)| n.starts_with("model.") || n.starts_with("optim."))
-    {
-        let (x, y) = (floats(bytes), floats(&tb[name]));
-        let differing = x.iter().zip(&y).filter(|(p, q)| p != q).count();
-        assert_eq!(
-            differing,
-            0,
-            "{name}: {differing} of {} values differ",
-            x.len()
-        );
-        compared += 1;
-    }
+    let compared = assert_same_tensors(&one, &two, &["model.", "optim."], "between 1 and 2 ranks");
     assert!(compared > 30, "{compared} tensors");
 }
 
@@ -195,13 +207,7 @@ fn ctrl_c_on_mpirun_stops_all_ranks_and_resumes_exactly() {
         .output()
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let (a, b) = (
-        ckpt_tensors(&straight.join("full_model.ckpt")),
-        ckpt_tensors(&ckpt.join("full_model.ckpt")),
-    );
-    for (name, bytes) in &a {
-        assert!(b[name] == *bytes, "{name} differs from the straight run");
-    }
+    assert_same_tensors(&straight, &ckpt, &[""], "from the straight run");
 }
 
 /// SIGINT to one rank alone: the ranks agree at the next step boundary and all stop there
@@ -244,16 +250,12 @@ fn a_signal_to_one_rank_stops_them_all_and_resumes_on_one_rank() {
         .output()
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let (a, b) = (
-        ckpt_tensors(&straight.join("full_model.ckpt")),
-        ckpt_tensors(&ckpt.join("full_model.ckpt")),
+    assert_same_tensors(
+        &straight,
+        &ckpt,
+        &["model."],
+        "from the straight 2-rank run",
     );
-    for (name, bytes) in a.iter().filter(|(n, _)| n.starts_with("model.")) {
-        assert!(
-            b[name] == *bytes,
-            "{name} differs from the straight 2-rank run"
-        );
-    }
 }
 
 /// A rank killed with SIGKILL: no rank hangs (the launcher ends the job), and rank 0 left a
@@ -547,13 +549,7 @@ fn srun_trains_like_mpirun_and_a_cancelled_job_continues_exactly() {
         .unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let same_as_straight = |dir: &std::path::Path| {
-        let (a, b) = (
-            ckpt_tensors(&straight.join("full_model.ckpt")),
-            ckpt_tensors(&dir.join("full_model.ckpt")),
-        );
-        for (name, bytes) in &a {
-            assert!(b[name] == *bytes, "{name} differs from the mpirun run");
-        }
+        assert_same_tensors(&straight, dir, &[""], "from the mpirun run");
     };
 
     let fresh = d.join("srun");
@@ -638,20 +634,14 @@ for step in session:steps(12) do session:step(train:next()) end
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let o = mpirun(2, &strs(&args(&two))).output().unwrap();
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let (a, b) = (
-        ckpt_tensors(&one.join("full_model.ckpt")),
-        ckpt_tensors(&two.join("full_model.ckpt")),
-    );
+    let a = ckpt_tensors(&one.join("full_model.ckpt"));
     assert!(
         a.contains_key("model.tok_embeddings.weight") && !a.contains_key("model.output.weight")
     );
-    for (name, bytes) in a
-        .iter()
-        .filter(|(n, _)| n.starts_with("model.") || n.starts_with("optim."))
-    {
-        assert!(
-            b[name] == *bytes,
-            "{name} differs between 1 rank and 2 ranks"
-        );
-    }
+    assert_same_tensors(
+        &one,
+        &two,
+        &["model.", "optim."],
+        "between 1 rank and 2 ranks",
+    );
 }

@@ -31,6 +31,23 @@ fn line(p: &mut PtySession, s: &str) {
     p.send_line(s).unwrap();
 }
 
+/// `wick repl --ckpt-dir <d>/CKPT EXTRA...` with `input` piped in (no terminal).
+fn repl_piped(
+    d: &Dir,
+    ckpt: &str,
+    extra: &[&std::ffi::OsStr],
+    input: &[u8],
+) -> std::process::Output {
+    output_with_stdin(
+        Command::new(wick_bin())
+            .current_dir(d.path())
+            .args(["repl", "--ckpt-dir"])
+            .arg(d.join(ckpt))
+            .args(extra),
+        input,
+    )
+}
+
 const SETUP: &str = "model = wick.model{ dim = 16, n_layers = 1, n_heads = 2, seq_len = 16 }; session = wick.session{ model = model }; train = wick.data.loader{ source = wick.data.jsonl{ 'data.jsonl' }, batch = 2, seq_len = 16 }";
 
 #[test]
@@ -179,13 +196,7 @@ fn piped_stdin_evaluates_without_prompts() {
     let d = Dir::new();
     d.corpus("data.jsonl", 50);
     let input = format!("1 + 1\nfor i = 1, 2 do\nprint('p' .. i)\nend\n{SETUP}\nsession:step(train:next()) > 0\nnot_defined.x\n'still here'\n");
-    let o = output_with_stdin(
-        Command::new(wick_bin())
-            .current_dir(d.path())
-            .args(["repl", "--ckpt-dir"])
-            .arg(d.join("ckpt")),
-        input.as_bytes(),
-    );
+    let o = repl_piped(&d, "ckpt", &[], input.as_bytes());
     let out = stdout(&o);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(out, "2\np1\np2\ntrue\nstill here\n", "{}", stderr(&o));
@@ -198,13 +209,10 @@ fn piped_stdin_evaluates_without_prompts() {
     assert!(!stderr(&o).contains("\x1b["), "no colours when piped");
     assert_eq!(ckpt_meta(&d.ckpt())["reason"], "repl-exit");
     // --resume gives `model` and `session` back.
-    let o = output_with_stdin(
-        Command::new(wick_bin())
-            .current_dir(d.path())
-            .args(["repl", "--ckpt-dir"])
-            .arg(d.join("ckpt2"))
-            .arg("--resume")
-            .arg(d.ckpt()),
+    let o = repl_piped(
+        &d,
+        "ckpt2",
+        &["--resume".as_ref(), d.ckpt().as_ref()],
         b"session.global_step\nmodel.params\n",
     );
     assert_eq!(stdout(&o), "1\n12368\n", "{}", stderr(&o));
@@ -238,13 +246,7 @@ fn commands_load_save_time_reset_quit() {
         &format!("{SETUP}\nsession:step(train:next())\n"),
     );
     let input = ":load setup.lua\nsession.global_step\n:time 1 + 1\n:save saved.ckpt\n:reset\nsession\n:bogus\n:quit\nprint('not reached')\n";
-    let o = output_with_stdin(
-        Command::new(wick_bin())
-            .current_dir(d.path())
-            .args(["repl", "--ckpt-dir"])
-            .arg(d.join("ckpt")),
-        input.as_bytes(),
-    );
+    let o = repl_piped(&d, "ckpt", &[], input.as_bytes());
     let out = stdout(&o);
     let err = stderr(&o);
     assert_eq!(code(&o), 0, "{err}");
@@ -272,13 +274,7 @@ fn a_local_from_an_earlier_line_gets_a_hint() {
     let d = Dir::new();
     let input =
         "local m, n = 1, 2\nlocal function f() return 1 end\nprint(m + 1)\nf()\nprint(other.x)\n";
-    let o = output_with_stdin(
-        Command::new(wick_bin())
-            .current_dir(d.path())
-            .args(["repl", "--ckpt-dir"])
-            .arg(d.join("ckpt")),
-        input.as_bytes(),
-    );
+    let o = repl_piped(&d, "ckpt", &[], input.as_bytes());
     let err = stderr(&o);
     assert_eq!(code(&o), 0, "{err}");
     assert!(err.contains("hint: `local m` on an earlier line"), "{err}");
@@ -290,13 +286,7 @@ fn a_local_from_an_earlier_line_gets_a_hint() {
 #[test]
 fn help_lists_the_api_by_owner() {
     let d = Dir::new();
-    let o = output_with_stdin(
-        Command::new(wick_bin())
-            .current_dir(d.path())
-            .args(["repl", "--ckpt-dir"])
-            .arg(d.join("ckpt")),
-        b":help\n:help wick.data.loader\n",
-    );
+    let o = repl_piped(&d, "ckpt", &[], b":help\n:help wick.data.loader\n");
     let out = stdout(&o);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(out.contains("\n  wick.data: jsonl text files"), "{out}");

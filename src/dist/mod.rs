@@ -181,6 +181,37 @@ pub fn stop_grace() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
+/// A wait on the peers: over after the peer timeout, or after the stop grace once a stop
+/// signal arrived (the rule of every collective: MPI's and NCCL's).
+#[cfg_attr(not(any(feature = "mpi", feature = "cuda")), allow(dead_code))]
+struct Patience {
+    start: std::time::Instant,
+    signalled: Option<std::time::Instant>,
+    timeout: Duration,
+    grace: Duration,
+}
+
+#[cfg_attr(not(any(feature = "mpi", feature = "cuda")), allow(dead_code))]
+impl Patience {
+    fn new() -> Patience {
+        Patience {
+            start: std::time::Instant::now(),
+            signalled: None,
+            timeout: peer_timeout(),
+            grace: stop_grace(),
+        }
+    }
+
+    /// None while the wait goes on; once it is over, whether a stop signal ended it.
+    fn spent(&mut self) -> Option<bool> {
+        if self.signalled.is_none() && crate::host::signals::stop_requested() {
+            self.signalled = Some(std::time::Instant::now());
+        }
+        let by_signal = self.signalled.is_some_and(|t| t.elapsed() > self.grace);
+        (by_signal || self.start.elapsed() > self.timeout).then_some(by_signal)
+    }
+}
+
 /// How long a rank waits on its peers before it calls them lost.
 pub fn peer_timeout() -> Duration {
     let secs = std::env::var("WICK_PEER_TIMEOUT")

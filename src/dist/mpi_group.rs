@@ -3,13 +3,12 @@
 //! signal that arrives meanwhile is seen at once.
 
 use super::{Group, Lost};
-use crate::host::signals;
 use mpi::collective::SystemOperation;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static UNIVERSE: Mutex<Option<mpi::environment::Universe>> = Mutex::new(None);
 
@@ -162,20 +161,14 @@ pub fn all_gather(values: &[u64]) -> Result<Vec<u64>, Lost> {
 /// the peers do not answer within the peer timeout, or within the stop grace once a stop
 /// signal arrived.
 fn wait<D: ?Sized>(mut req: Request<'static, D, StaticScope>, what: &str) -> Result<(), Lost> {
-    let (timeout, grace) = (super::peer_timeout(), super::stop_grace());
-    let start = Instant::now();
-    let mut signalled: Option<Instant> = None;
+    let mut patience = super::Patience::new();
     let mut polls = 0u32;
     loop {
         match req.test() {
             Ok(_) => return Ok(()),
             Err(r) => req = r,
         }
-        if signalled.is_none() && signals::stop_requested() {
-            signalled = Some(Instant::now());
-        }
-        let by_signal = signalled.is_some_and(|t| t.elapsed() > grace);
-        if by_signal || start.elapsed() > timeout {
+        if let Some(by_signal) = patience.spent() {
             std::mem::forget(req);
             super::mark_broken();
             if let Some((rank, pid)) = gone_local_peer() {
@@ -188,11 +181,11 @@ fn wait<D: ?Sized>(mut req: Request<'static, D, StaticScope>, what: &str) -> Res
                 });
             }
             let message = if by_signal {
-                format!("stopped while {what}: the other ranks did not reach this step within {:.1} s of the stop", grace.as_secs_f64())
+                format!("stopped while {what}: the other ranks did not reach this step within {:.1} s of the stop", patience.grace.as_secs_f64())
             } else {
                 format!(
                     "no answer from the other ranks for {:.0} s while {what}: a rank was lost (killed, crashed, or its machine is gone); WICK_PEER_TIMEOUT sets this wait",
-                    timeout.as_secs_f64()
+                    patience.timeout.as_secs_f64()
                 )
             };
             return Err(Lost { message, by_signal });

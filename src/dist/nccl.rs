@@ -13,13 +13,12 @@
 //! like the MPI collectives (`WICK_PEER_TIMEOUT`, `WICK_STOP_GRACE` after a stop signal) and
 //! the communicator aborted when it does not finish, which releases the stream.
 
-use super::{all_gather, group, mark_broken, peer_timeout, stop_grace, GpuReduceError, Lost};
-use crate::host::signals;
+use super::{all_gather, group, mark_broken, GpuReduceError, Lost, Patience};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use std::cell::RefCell;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 thread_local! {
     // The communicator of this rank; made at the first reduce. NCCL's handle is a raw pointer
@@ -132,20 +131,14 @@ pub fn check_library() -> Result<(), String> {
 /// Poll `done` until it says the reduce finished; give up after the peer timeout, or the stop
 /// grace once a stop signal arrived (the MPI collectives' rule).
 fn wait(done: impl Fn() -> bool) -> Result<(), Lost> {
-    let (timeout, grace) = (peer_timeout(), stop_grace());
-    let start = Instant::now();
-    let mut signalled: Option<Instant> = None;
+    let mut patience = Patience::new();
     while !done() {
-        if signalled.is_none() && signals::stop_requested() {
-            signalled = Some(Instant::now());
-        }
-        let by_signal = signalled.is_some_and(|t| t.elapsed() > grace);
-        if by_signal || start.elapsed() > timeout {
+        if let Some(by_signal) = patience.spent() {
             mark_broken();
             let message = if by_signal {
-                format!("stopped while averaging the gradients (NCCL): the other ranks did not get there within {:.1} s of the stop", grace.as_secs_f64())
+                format!("stopped while averaging the gradients (NCCL): the other ranks did not get there within {:.1} s of the stop", patience.grace.as_secs_f64())
             } else {
-                format!("the NCCL all-reduce of the gradients did not finish in {:.0} s: a rank was lost (killed, crashed, or its machine is gone); WICK_PEER_TIMEOUT sets this wait", timeout.as_secs_f64())
+                format!("the NCCL all-reduce of the gradients did not finish in {:.0} s: a rank was lost (killed, crashed, or its machine is gone); WICK_PEER_TIMEOUT sets this wait", patience.timeout.as_secs_f64())
             };
             return Err(Lost { message, by_signal });
         }
